@@ -1,0 +1,424 @@
+"""The one training loop of seqlab: every job (DNA, audio, synthetic) runs through :class:`Trainer`.
+
+A job is a :class:`Task`: it builds the model, turns global sample indices into a batch,
+computes the loss and evaluates. The trainer owns everything else: optimizer and schedule,
+mixed precision, gradient accumulation, torch.distributed (DDP / FSDP2 under torchrun),
+metrics, progress bar, atomic checkpoints and resume.
+
+Determinism and resume: the samples of optimizer step ``s`` are a pure function of
+(seed, s): micro-batch ``m`` on rank ``r`` holds the global indices
+``((s * grad_accum + m) * world_size + r) * micro_batch_size + i``. A run killed after its
+checkpoint at step ``s`` resumes at ``s`` and sees exactly the batches it would have seen,
+also on another world size with the same global batch (world_size * grad_accum constant).
+Dropout and masking RNG is reseeded from (seed, step, rank) at every step for the same reason.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .utils import atomic_directory, atomic_write_json, atomic_write_text, resolve_device
+
+log = logging.getLogger("seqlab.train")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    micro_batch_size: int = 16  # per rank, per accumulation step
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # not applied to A_log, D, biases, norms (_no_weight_decay flags)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100  # 0 = only at the end
+    ckpt_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 2
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    device: str = "auto"
+    strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp"
+    seed: int = 0
+    max_minutes: float = 0.0  # wall-clock budget for training steps; 0 = none
+    progress: bool = True
+
+
+class Task:
+    """What a job provides to the trainer. Subclasses override every method below."""
+
+    def build_model(self, device: torch.device) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def model_spec(self) -> dict:
+        """JSON-able description written as config.json beside the weights."""
+        raise NotImplementedError
+
+    def train_batch(self, indices: list[int], device: torch.device):
+        """The batch holding global sample ``indices`` (deterministic in the indices)."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, step: int, device: torch.device) -> dict[str, float]:
+        """Held-out metrics; called on rank 0 with the unwrapped model in eval mode."""
+        return {}
+
+    def finish(self, model: torch.nn.Module, run: "RunDir", device: torch.device) -> dict[str, Any]:
+        """Final evaluation, plots and summary on rank 0; returns the summary."""
+        return {}
+
+
+class RunDir:
+    """One run's directory: config.yaml, metrics.jsonl, status.json, checkpoints/, plots/.
+
+    status.json says "running", "failed" (with the error) or "completed"; only a finished run
+    says "completed", so a killed or crashed run never looks complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main
+        self.ckpt_dir = self.path / "checkpoints"
+        self.plots_dir = self.path / "plots"
+        if is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.plots_dir.mkdir(exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, text: str) -> None:
+        if self.is_main:
+            atomic_write_text(self.path / "config.yaml", text)
+
+    def set_status(self, status: str, **extra) -> None:
+        if self.is_main:
+            atomic_write_json(self.path / "status.json",
+                              {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               **extra})
+
+    def status(self) -> dict | None:
+        p = self.path / "status.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+                f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records logged after ``step`` (a resumed run redoes those steps)."""
+        if not self.is_main or not self.metrics_path.exists():
+            return
+        keep = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.exists():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        if not (path / "trainer_state.json").exists():
+            raise FileNotFoundError(f"{pointer} names {path}, which holds no trainer_state.json; "
+                                    "the checkpoint directory was altered by hand")
+        return path
+
+
+# ----------------------------------------------------------------------------- weights
+def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier key (tied weights), remembering the tie."""
+    seen: dict[tuple, str] = {}
+    out, ties = {}, {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if key in seen:
+            ties[k] = seen[key]
+        else:
+            seen[key] = k
+            out[k] = v.contiguous()
+    return out, ties
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Write a state dict to safetensors, storing tied tensors once."""
+    tensors, ties = _dedup(state)
+    meta = {"ties": json.dumps(ties)}
+    if metadata:
+        meta.update({k: json.dumps(v) for k, v in metadata.items()})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file written by :func:`save_weights` into ``model`` (strict)."""
+    from safetensors import safe_open
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        ties = json.loads((f.metadata() or {}).get("ties", "{}"))
+    for k, src in ties.items():
+        state[k] = state[src]
+    missing, unexpected = D.unwrap(model).load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{path}: checkpoint does not match the model: missing keys {missing}, "
+                       f"unexpected keys {unexpected}")
+
+
+# ----------------------------------------------------------------------------- optimizer
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for parameters flagged ``_no_weight_decay`` (A_log, D), biases
+    and 1-D parameters (norms)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "_no_weight_decay", False) or p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: TrainerConfig) -> float:
+    """Linear warm-up then cosine decay to lr * min_lr_ratio at max_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, run: RunDir | str | os.PathLike,
+                 config_text: str | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = D.init(self.device)
+        self.run = run if isinstance(run, RunDir) else RunDir(run, is_main=self.dist.is_main)
+        self.run.is_main = self.dist.is_main
+        if config_text is not None:
+            self.run.write_config(config_text)
+        if cfg.precision == "auto":
+            self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        elif cfg.precision == "bf16":
+            self.amp_dtype = torch.bfloat16
+        elif cfg.precision == "fp32":
+            self.amp_dtype = None
+        else:
+            raise ValueError(f"trainer.precision={cfg.precision!r}: needs auto, bf16 or fp32")
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- checkpoints
+    def save_checkpoint(self, model, opt, step: int, task: Task, extra: dict) -> None:
+        state = D.full_state_dict(model, self.cfg.strategy)
+        opt_state = self._optimizer_state(model, opt)
+        if not self.dist.is_main:
+            return
+        name = f"step_{step:07d}"
+        with atomic_directory(self.run.ckpt_dir / name) as tmp:
+            save_weights(state, tmp / "model.safetensors")
+            atomic_write_json(tmp / "config.json", task.model_spec())
+            torch.save(opt_state, tmp / "optimizer.pt")
+            atomic_write_json(tmp / "trainer_state.json",
+                              {"step": step, "world_size": self.dist.world_size,
+                               "trainer": asdict(self.cfg), **extra})
+        atomic_write_text(self.run.ckpt_dir / "latest", name + "\n")
+        kept = sorted(p for p in self.run.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in kept[:-max(1, self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _optimizer_state(self, model, opt):
+        if self.cfg.strategy == "fsdp" and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 get_optimizer_state_dict)
+            return get_optimizer_state_dict(model, opt, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        return opt.state_dict()
+
+    def load_checkpoint(self, path: Path, model, opt) -> dict:
+        load_weights(model, path / "model.safetensors")
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if self.cfg.strategy == "fsdp" and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_optimizer_state_dict)
+            set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(
+                full_state_dict=True))
+        else:
+            opt.load_state_dict(opt_state)
+        return json.loads((path / "trainer_state.json").read_text())
+
+    # -- main loop
+    def fit(self, task: Task, resume: bool = True) -> dict:
+        cfg = self.cfg
+        run = self.run
+        torch.manual_seed(cfg.seed)
+        raw = task.build_model(self.device)
+        start_step = 0
+        ckpt = run.latest_checkpoint() if resume else None
+        opt_model = raw
+        if ckpt is not None:
+            # Weights before wrapping, so DDP broadcasts / FSDP shards the loaded values.
+            load_weights(raw, ckpt / "model.safetensors")
+        model = D.wrap_model(raw, cfg.strategy, self.device, self.dist)
+        opt_model = model if cfg.strategy == "fsdp" else raw
+        opt = torch.optim.AdamW(param_groups(opt_model, cfg.weight_decay), lr=cfg.lr,
+                                betas=(cfg.beta1, cfg.beta2),
+                                fused=self.device.type == "cuda")
+        if ckpt is not None:
+            state = self.load_checkpoint(ckpt, model, opt)
+            start_step = int(state["step"])
+            run.truncate_metrics(start_step)
+            log.info("resumed from %s at step %d", ckpt, start_step)
+        run.set_status("running", step=start_step)
+        n_params = sum(p.numel() for p in raw.parameters())
+        if self.dist.is_main:
+            log.info("model: %.2fM parameters on %s (world size %d, precision %s)",
+                     n_params / 1e6, self.device, self.dist.world_size,
+                     self.amp_dtype or "fp32")
+        t_start = time.time()
+        step = start_step
+        pbar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step",
+                    disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        window: dict[str, float] = {}
+        window_n = 0
+        tokens = 0
+        t_window = time.time()
+        stopped_early = False
+        try:
+            while step < cfg.max_steps:
+                if cfg.max_minutes and (time.time() - t_start) / 60 > cfg.max_minutes:
+                    stopped_early = True
+                    log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+                    break
+                lr = lr_at(step, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + self.dist.rank)
+                model.train()
+                metrics = self._train_step(task, model, opt, step)
+                tokens += metrics.pop("_tokens", 0)
+                for k, v in metrics.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                step += 1
+                pbar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    avg = D.all_reduce_mean({k: v / window_n for k, v in window.items()},
+                                            self.device)
+                    dt = time.time() - t_window
+                    rec = {"step": step, "split": "train", "lr": lr, **avg,
+                           "tokens_per_s": tokens * self.dist.world_size / max(dt, 1e-9)}
+                    run.log(rec)
+                    pbar.set_postfix({k: f"{v:.4g}" for k, v in avg.items() if k in ("loss", "acc")})
+                    window, window_n, tokens, t_window = {}, 0, 0, time.time()
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    self._evaluate(task, model, step)
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+                    self.save_checkpoint(model, opt, step, task, {})
+            pbar.close()
+            self.save_checkpoint(model, opt, step, task, {"stopped_early": stopped_early})
+            final = self._evaluate(task, model, step)
+            summary: dict[str, Any] = {"step": step, "stopped_early": stopped_early,
+                                       "train_minutes": (time.time() - t_start) / 60,
+                                       "params_M": n_params / 1e6, **final}
+            if self.dist.is_main:
+                summary.update(task.finish(D.unwrap(model), run, self.device) or {})
+                from .plots import plot_training_curves
+                curves = plot_training_curves(run.read_metrics(), run.plots_dir / "training.png")
+                if curves:
+                    summary["training_plot"] = str(curves)
+                atomic_write_json(run.path / "summary.json", summary)
+            D.barrier()
+            run.set_status("completed", step=step)
+            return summary
+        except BaseException as exc:
+            pbar.close()
+            run.set_status("failed", step=step, error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _train_step(self, task: Task, model, opt, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        opt.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            base = ((step * cfg.grad_accum + micro) * self.dist.world_size + self.dist.rank)
+            indices = [base * cfg.micro_batch_size + i for i in range(cfg.micro_batch_size)]
+            batch = task.train_batch(indices, self.device)
+            sync = micro == cfg.grad_accum - 1
+            ctx = (model.no_sync() if (not sync and hasattr(model, "no_sync"))
+                   else _nullcontext())
+            with ctx:
+                with self.autocast():
+                    loss, metrics = task.loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} "
+                                             f"(micro-batch {micro}); lower trainer.lr or check "
+                                             "the data")
+                (loss / cfg.grad_accum).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+            ids = getattr(batch, "ids", None)
+            tokens += int(ids.numel()) if ids is not None else 0
+        if cfg.grad_clip:
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            totals["grad_norm"] = float(gn)
+        opt.step()
+        totals["_tokens"] = tokens
+        return totals
+
+    def _evaluate(self, task: Task, model, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.cfg.strategy == "fsdp" and self.dist.enabled:
+            # Sharded parameters: every rank takes part in the forward passes.
+            model.eval()
+            with torch.no_grad(), self.autocast():
+                metrics = task.evaluate(model, step, self.device)
+        elif self.dist.is_main:
+            inner = D.unwrap(model)
+            inner.eval()
+            with torch.no_grad(), self.autocast():
+                metrics = task.evaluate(inner, step, self.device)
+        metrics = D.broadcast_object(metrics)
+        if metrics:
+            self.run.log({"step": step, "split": "eval", **metrics})
+            if self.dist.is_main:
+                log.info("eval @ %d: %s", step,
+                         ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                   if isinstance(v, (int, float))))
+        return metrics
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
