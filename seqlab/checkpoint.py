@@ -1,0 +1,562 @@
+"""Checkpoints: seqlab's own format, and conversion from mamba_ssm, transformers and Caduceus.
+
+seqlab's format is one directory holding
+
+    model.safetensors   every tensor of ``model.state_dict()``, each storage once: a tensor
+                        that shares storage with an earlier key (``lm_head.weight`` tied to
+                        the embedding, a reverse projection tied to the forward one) is left
+                        out and listed in the metadata entry "ties" as {alias: source}.
+    config.json         {"seqlab_version", "format_version", "architecture", "model":
+                        MambaConfig.to_dict(), "head": constructor kwargs of the head,
+                        "extra": caller's JSON-able dict, "ties": {alias: source}}
+
+and is written atomically: into a temporary directory beside the target, fsync'ed, then
+renamed, so a crash never leaves a directory under the final name that looks complete.
+
+Foreign checkpoints are converted through explicit key tables (regex -> seqlab name). Every
+key of the file must match a row, and every tensor the seqlab model expects must be given, or
+the load fails naming the keys. Pickle files are only ever read with ``weights_only=True``.
+
+    format      detected by (config.json)                 returns
+    seqlab      "seqlab_version"                          the saved architecture
+    mamba_ssm   "d_model" and "n_layer" (state-spaces)    MambaLM
+    hf          model_type == "mamba" (transformers)      MambaLM
+    caduceus    model_type == "caduceus" / "bidirectional" MaskedLM (or Backbone without a head)
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import seqlab
+from seqlab.model.config import MambaConfig
+from seqlab.utils import atomic_directory
+
+FORMAT_VERSION = 1
+ARCHITECTURES = ("MambaLM", "SequenceClassifier", "MaskedLM", "Backbone")
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# Constructor keyword arguments of each head, read back from the model's attributes of the
+# same name so that load_model can rebuild it.
+_HEAD_KWARGS = {"SequenceClassifier": ("num_classes", "pooling", "conjoin_rc")}
+
+# The Mamba-1 mixer's tensors, named as in mamba_ssm (and in seqlab and transformers).
+_MIXER_TENSORS = (r"in_proj\.weight|in_proj\.bias|conv1d\.weight|conv1d\.bias|x_proj\.weight|"
+                  r"dt_proj\.weight|dt_proj\.bias|A_log|D|out_proj\.weight|out_proj\.bias")
+_NORM_TENSORS = r"weight|bias"
+
+
+# ============================================================================ seqlab's format
+def save_model(model: torch.nn.Module, directory: str | os.PathLike, config: MambaConfig,
+               extra: dict | None = None) -> Path:
+    """Write ``model`` to ``directory`` as model.safetensors + config.json, atomically.
+
+    ``model`` is one of seqlab.model's MambaLM, SequenceClassifier, MaskedLM or Backbone;
+    ``config`` the MambaConfig it was built from; ``extra`` any JSON-able dict (tokenizer,
+    training step, provenance) stored verbatim under config.json's "extra". An existing
+    seqlab checkpoint at ``directory`` is replaced; any other non-empty directory is refused.
+    Returns the directory.
+    """
+    directory = Path(directory)
+    architecture = type(model).__name__
+    if architecture not in ARCHITECTURES:
+        raise TypeError(f"save_model({directory}): cannot save a {architecture}; "
+                        f"supported architectures are {list(ARCHITECTURES)}")
+    model_config = getattr(model, "config", None)
+    if isinstance(model_config, MambaConfig) and model_config != config:
+        raise ValueError(f"save_model({directory}): the config passed differs from model.config; "
+                         "pass the MambaConfig the model was built from")
+    head = {}
+    for name in _HEAD_KWARGS.get(architecture, ()):
+        if not hasattr(model, name):
+            raise AttributeError(f"save_model({directory}): {architecture} has no attribute "
+                                 f"{name!r}, needed to rebuild it on load")
+        head[name] = getattr(model, name)
+    extra = dict(extra or {})
+    try:
+        json.dumps(extra)
+    except TypeError as err:
+        raise TypeError(f"save_model({directory}): extra must be JSON-serialisable: {err}") from err
+    _refuse_foreign_directory(directory)
+
+    tensors, ties = _dedup_shared(model.state_dict(), directory)
+    meta = {
+        "seqlab_version": seqlab.__version__,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "model": config.to_dict(),
+        "head": head,
+        "extra": extra,
+        "ties": ties,
+    }
+    with atomic_directory(directory) as tmp:
+        weights = tmp / WEIGHTS_NAME
+        save_file(tensors, str(weights), metadata={"ties": json.dumps(ties),
+                                                   "format": "pt"})
+        _fsync_file(weights)
+        config_path = tmp / CONFIG_NAME
+        config_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _fsync_file(config_path)
+        _fsync_dir(tmp)  # the two entries are durable before the rename publishes them
+    _fsync_dir(directory.parent)  # the rename itself is durable
+    return directory
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
+               strict: bool = True, dtype: torch.dtype | None = None
+               ) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_model` and load its weights.
+
+    Returns ``(model, info)``; ``info`` is config.json's content with "model" replaced by the
+    MambaConfig object. The model is in eval mode on ``device`` (float32 unless ``dtype``).
+    ``strict`` (default) raises on missing or unexpected keys, naming them.
+    """
+    directory = Path(directory)
+    meta = _read_config(directory)
+    if "seqlab_version" not in meta:
+        raise ValueError(f"{directory / CONFIG_NAME}: not a seqlab checkpoint (no 'seqlab_version'); "
+                         "use seqlab.load_pretrained for mamba_ssm, transformers or Caduceus checkpoints")
+    architecture = meta.get("architecture")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{directory / CONFIG_NAME}: architecture={architecture!r} is not one of "
+                         f"{list(ARCHITECTURES)}")
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"{directory / CONFIG_NAME}: format_version={meta['format_version']} was "
+                         f"written by a newer seqlab ({meta['seqlab_version']}); upgrade seqlab")
+    config = MambaConfig.from_dict(meta["model"])
+    model = _build(architecture, config, meta.get("head", {}))
+
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory}: holds {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    state = load_file(str(weights))
+    with safe_open(str(weights), framework="pt") as f:
+        ties = json.loads((f.metadata() or {}).get("ties", "{}"))
+    for alias, source in ties.items():
+        if source not in state:
+            raise KeyError(f"{weights}: tie {alias!r} -> {source!r} names a tensor the file lacks")
+        state[alias] = state[source]
+    _load_state(model, state, weights, strict=strict)
+    model.to(device=device, dtype=dtype).eval()
+    info = dict(meta, model=config, format="seqlab", path=str(directory))
+    return model, info
+
+
+# ============================================================================ foreign formats
+def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a pretrained checkpoint directory of any known format (see the module docstring).
+
+    Causal checkpoints (seqlab MambaLM, mamba_ssm, transformers) come back as a MambaLM;
+    Caduceus' bidirectional masked LM as a MaskedLM. The model is in eval mode on ``device``,
+    float32 unless ``dtype`` is given.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"load_pretrained: {directory} is not a directory")
+    meta = _read_config(directory)
+    if "seqlab_version" in meta:
+        return load_model(directory, device=device, dtype=dtype)[0]
+    if meta.get("model_type") == "mamba":
+        model = _load_hf(directory, meta)
+    elif meta.get("model_type") == "caduceus" or "bidirectional" in meta or "rcps" in meta:
+        model = _load_caduceus(directory, meta)
+    elif "d_model" in meta and "n_layer" in meta:
+        model = _load_mamba_ssm(directory, meta)
+    else:
+        raise ValueError(
+            f"{directory / CONFIG_NAME}: no known checkpoint format. Expected one of: seqlab "
+            "('seqlab_version'), transformers Mamba (model_type 'mamba'), Caduceus "
+            "(model_type 'caduceus'), mamba_ssm ('d_model' and 'n_layer'); "
+            f"found keys {sorted(meta)}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# -- mamba_ssm (state-spaces/mamba-130m ... 2.8b) --------------------------------------------
+# Top-level config keys of mamba_ssm's MambaConfig that have no effect on the math.
+_MAMBA_SSM_IGNORED = {"fused_add_norm", "architectures", "torch_dtype", "transformers_version"}
+_SSM_CFG_MAP = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand", "dt_rank": "dt_rank",
+                "dt_min": "dt_min", "dt_max": "dt_max", "dt_init": "dt_init", "dt_scale": "dt_scale",
+                "dt_init_floor": "dt_init_floor", "conv_bias": "conv_bias", "bias": "bias"}
+# ssm_cfg keys that select kernels, not math.
+_SSM_CFG_IGNORED = {"layer", "use_fast_path"}
+
+_MAMBA_SSM_KEYS = [
+    (r"backbone\.embedding\.weight", "backbone.embedding.weight"),
+    (rf"backbone\.layers\.(\d+)\.norm\.({_NORM_TENSORS})", r"backbone.layers.\1.norm.\2"),
+    (rf"backbone\.layers\.(\d+)\.mixer\.({_MIXER_TENSORS})", r"backbone.layers.\1.mixer.\2"),
+    (rf"backbone\.norm_f\.({_NORM_TENSORS})", r"backbone.norm_f.\1"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+
+
+def _ssm_cfg_to_kwargs(ssm_cfg: dict, where: str) -> dict:
+    layer = ssm_cfg.get("layer", "Mamba1")
+    if layer != "Mamba1":
+        raise NotImplementedError(f"{where}: ssm_cfg.layer={layer!r}; seqlab implements only "
+                                  "Mamba1 mixers (no Mamba2 / SSD)")
+    unknown = sorted(set(ssm_cfg) - set(_SSM_CFG_MAP) - _SSM_CFG_IGNORED)
+    if unknown:
+        raise ValueError(f"{where}: ssm_cfg keys {unknown} are not understood; known keys are "
+                         f"{sorted(set(_SSM_CFG_MAP) | _SSM_CFG_IGNORED)}")
+    return {_SSM_CFG_MAP[k]: v for k, v in ssm_cfg.items() if k in _SSM_CFG_MAP}
+
+
+def _load_mamba_ssm(directory: Path, meta: dict) -> torch.nn.Module:
+    where = str(directory / CONFIG_NAME)
+    known = {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm", "residual_in_fp32",
+             "pad_vocab_size_multiple", "tie_embeddings", "d_intermediate", "attn_layer_idx",
+             "attn_cfg", "norm_epsilon"}
+    unknown = sorted(set(meta) - known - _MAMBA_SSM_IGNORED)
+    if unknown:
+        raise ValueError(f"{where}: mamba_ssm config keys {unknown} are not understood")
+    if meta.get("d_intermediate", 0):
+        raise NotImplementedError(f"{where}: d_intermediate={meta['d_intermediate']} (an MLP after "
+                                  "each mixer) is not supported by seqlab; only 0 is")
+    if meta.get("attn_layer_idx"):
+        raise NotImplementedError(f"{where}: attn_layer_idx={meta['attn_layer_idx']} (hybrid "
+                                  "attention layers) is not supported by seqlab")
+    config = MambaConfig(
+        d_model=meta["d_model"], n_layer=meta["n_layer"], vocab_size=meta["vocab_size"],
+        pad_vocab_size_multiple=meta.get("pad_vocab_size_multiple", 8),
+        norm="rms" if meta.get("rms_norm", True) else "layer",
+        norm_eps=meta.get("norm_epsilon", 1e-5),
+        residual_in_fp32=meta.get("residual_in_fp32", True),
+        tie_embeddings=meta.get("tie_embeddings", True),
+        **_ssm_cfg_to_kwargs(meta.get("ssm_cfg") or {}, where))
+    source = _read_weights(directory)
+    state = _convert(source, _MAMBA_SSM_KEYS, directory)
+    return _finish_lm(state, config, directory, head_key="lm_head.weight")
+
+
+# -- transformers (MambaForCausalLM) ----------------------------------------------------------
+_HF_KEYS = [
+    (r"backbone\.embeddings\.weight", "backbone.embedding.weight"),
+    (r"backbone\.layers\.(\d+)\.norm\.weight", r"backbone.layers.\1.norm.weight"),
+    (rf"backbone\.layers\.(\d+)\.mixer\.({_MIXER_TENSORS})", r"backbone.layers.\1.mixer.\2"),
+    (r"backbone\.norm_f\.weight", "backbone.norm_f.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+# transformers config keys that do not change the forward pass (ids, init, caching, kernels).
+_HF_IGNORED = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
+    "rescale_prenorm_residual", "use_mambapy", "use_associative_scan", "intermediate_size",
+    "output_hidden_states", "output_attentions", "return_dict", "layer_types", "n_layer",
+    "hidden_act",
+}
+
+
+def _load_hf(directory: Path, meta: dict) -> torch.nn.Module:
+    where = str(directory / CONFIG_NAME)
+    if meta.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(f"{where}: hidden_act={meta['hidden_act']!r}; seqlab's mixer "
+                                  "uses silu only")
+    known = {"hidden_size", "num_hidden_layers", "vocab_size", "state_size", "conv_kernel",
+             "expand", "time_step_rank", "time_step_min", "time_step_max", "time_step_scale",
+             "time_step_init_scheme", "time_step_floor", "use_bias", "use_conv_bias",
+             "layer_norm_epsilon", "residual_in_fp32", "tie_word_embeddings"}
+    unknown = sorted(set(meta) - known - _HF_IGNORED)
+    if unknown:  # transformers adds bookkeeping keys over versions; none of ours changes the math
+        warnings.warn(f"{where}: ignoring transformers config keys {unknown}", stacklevel=3)
+    hidden = meta["hidden_size"]
+    config = MambaConfig(
+        d_model=hidden, n_layer=meta["num_hidden_layers"], vocab_size=meta["vocab_size"],
+        # transformers stores the embedding's row count as vocab_size: no further padding.
+        pad_vocab_size_multiple=1,
+        d_state=meta.get("state_size", 16), d_conv=meta.get("conv_kernel", 4),
+        expand=meta.get("expand", 2), dt_rank=meta.get("time_step_rank", "auto"),
+        dt_min=meta.get("time_step_min", 0.001), dt_max=meta.get("time_step_max", 0.1),
+        dt_init=meta.get("time_step_init_scheme", "random"),
+        dt_scale=meta.get("time_step_scale", 1.0), dt_init_floor=meta.get("time_step_floor", 1e-4),
+        conv_bias=meta.get("use_conv_bias", True), bias=meta.get("use_bias", False),
+        norm="rms", norm_eps=meta.get("layer_norm_epsilon", 1e-5),
+        residual_in_fp32=meta.get("residual_in_fp32", True),
+        tie_embeddings=meta.get("tie_word_embeddings", True))
+    state = _convert(_read_weights(directory), _HF_KEYS, directory)
+    return _finish_lm(state, config, directory, head_key="lm_head.weight")
+
+
+# -- Caduceus (kuleshov-group) -----------------------------------------------------------------
+_CADUCEUS_MIXER = rf"mixer\.(mamba_fwd|mamba_rev)\.({_MIXER_TENSORS})"
+_CADUCEUS_KEYS = [
+    (r"caduceus\.backbone\.embeddings\.word_embeddings\.weight", "backbone.embedding.weight"),
+    (rf"caduceus\.backbone\.layers\.(\d+)\.norm\.({_NORM_TENSORS})", r"backbone.layers.\1.norm.\2"),
+    (rf"caduceus\.backbone\.layers\.(\d+)\.{_CADUCEUS_MIXER}", r"backbone.layers.\1.mixer.\2.\3"),
+    (rf"caduceus\.backbone\.norm_f\.({_NORM_TENSORS})", r"backbone.norm_f.\1"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+# Tensors that only RCPS (reverse-complement parameter sharing) checkpoints hold.
+_RCPS_MARKERS = re.compile(r"\.submodule\.|word_embeddings\.embedding\.weight|"
+                           r"lm_head\.lm_head\.weight|complement_map")
+_CADUCEUS_IGNORED = _HF_IGNORED | {"model_type", "fused_add_norm", "initializer_cfg",
+                                   "gradient_checkpointing_stride", "complement_map",
+                                   "auto_map", "num_labels", "problem_type", "id2label",
+                                   "label2id"}
+
+
+def _load_caduceus(directory: Path, meta: dict) -> torch.nn.Module:
+    where = str(directory / CONFIG_NAME)
+    source = _read_weights(directory)
+    rcps_keys = sorted(k for k in source if _RCPS_MARKERS.search(k))
+    if meta.get("rcps") or rcps_keys:
+        raise NotImplementedError(
+            f"{directory}: a Caduceus RCPS (reverse-complement parameter sharing, 'caduceus-ps') "
+            f"checkpoint; its wrapped tensors {rcps_keys[:6]}{' ...' if len(rcps_keys) > 6 else ''} "
+            "have no mapping onto seqlab's rc_equivariant layers yet. Only the non-RCPS "
+            "bidirectional variant ('caduceus-ph') converts.")
+    if "score.weight" in source:
+        raise NotImplementedError(f"{directory}: a CaduceusForSequenceClassification checkpoint "
+                                  "('score.weight'); only the masked LM and bare backbone convert")
+    known = {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm", "residual_in_fp32",
+             "pad_vocab_size_multiple", "norm_epsilon", "bidirectional", "bidirectional_strategy",
+             "bidirectional_weight_tie", "rcps", "tie_word_embeddings"}
+    unknown = sorted(set(meta) - known - _CADUCEUS_IGNORED)
+    if unknown:
+        warnings.warn(f"{where}: ignoring Caduceus config keys {unknown}", stacklevel=3)
+    strategy = meta.get("bidirectional_strategy") or "add"
+    strategies = {"add": "add", "ew_multiply": "mul"}
+    if strategy not in strategies:
+        raise ValueError(f"{where}: bidirectional_strategy={strategy!r}; known: {sorted(strategies)}")
+    bidirectional = meta.get("bidirectional", True)
+    config = MambaConfig(
+        d_model=meta["d_model"], n_layer=meta["n_layer"], vocab_size=meta["vocab_size"],
+        pad_vocab_size_multiple=meta.get("pad_vocab_size_multiple", 8),
+        norm="rms" if meta.get("rms_norm", True) else "layer",
+        norm_eps=meta.get("norm_epsilon", 1e-5),
+        residual_in_fp32=meta.get("residual_in_fp32", True),
+        tie_embeddings=meta.get("tie_word_embeddings", True),
+        bidirectional=bidirectional, bidirectional_strategy=strategies[strategy],
+        tie_bidirectional_projections=meta.get("bidirectional_weight_tie", True),
+        **_ssm_cfg_to_kwargs(meta.get("ssm_cfg") or {}, where))
+    # CaduceusForMaskedLM's keys start with "caduceus."; the bare Caduceus model's with
+    # "backbone." (and it has no head).
+    masked_lm = any(k.startswith("caduceus.") for k in source)
+    if not masked_lm:
+        source = {f"caduceus.{k}": v for k, v in source.items()}
+    state = _convert(source, _CADUCEUS_KEYS, directory)
+    if not bidirectional:  # a one-direction Caduceus is a plain Mamba stack
+        state = {k.replace(".mixer.mamba_fwd.", ".mixer."): v for k, v in state.items()}
+    if masked_lm:
+        return _finish_lm(state, config, directory, head_key="lm_head.weight",
+                          architecture="MaskedLM")
+    if "lm_head.weight" in state:
+        raise KeyError(f"{directory}: 'lm_head.weight' without the 'caduceus.' prefix on the "
+                       "other keys; neither CaduceusForMaskedLM nor a bare Caduceus layout")
+    backbone_state = {k[len("backbone."):]: v for k, v in state.items()}
+    _fit_vocab(backbone_state, ["embedding.weight"], config, directory)
+    model = _build("Backbone", config, {})
+    _fill_tied_bidirectional(backbone_state, model)
+    _load_state(model, backbone_state, directory, strict=True)
+    return model
+
+
+# ============================================================================ helpers
+def _convert(source: dict[str, torch.Tensor], table: list[tuple[str, str]],
+             directory: Path) -> dict[str, torch.Tensor]:
+    """Rename every key of ``source`` through ``table``; raise naming the keys no row matches."""
+    compiled = [(re.compile(pattern), target) for pattern, target in table]
+    out, unknown = {}, []
+    for key, tensor in source.items():
+        for pattern, target in compiled:
+            m = pattern.fullmatch(key)
+            if m:
+                out[m.expand(target)] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"{directory}: keys with no seqlab counterpart: {_names(unknown)}; known "
+                       f"patterns are {[p for p, _ in table]}")
+    return out
+
+
+def _finish_lm(state: dict[str, torch.Tensor], config: MambaConfig, directory: Path,
+               head_key: str, architecture: str = "MambaLM") -> torch.nn.Module:
+    """Fill tied tensors, fit the vocabulary rows, build the model and load strictly."""
+    emb_key = "backbone.embedding.weight"
+    if emb_key not in state:
+        raise KeyError(f"{directory}: no embedding tensor (seqlab name {emb_key!r}) in the weights")
+    if config.tie_embeddings:
+        if head_key in state and not torch.equal(state[head_key], state[emb_key]):
+            raise ValueError(f"{directory}: config ties the embeddings but {head_key!r} differs from "
+                             "the embedding; set tie_embeddings / tie_word_embeddings to false")
+        state[head_key] = state[emb_key]
+    elif head_key not in state:
+        raise KeyError(f"{directory}: config unties the embeddings but the weights hold no "
+                       f"{head_key!r}")
+    _fit_vocab(state, [emb_key, head_key], config, directory)
+    model = _build(architecture, config, {})
+    _fill_tied_bidirectional(state, model)
+    _load_state(model, state, directory, strict=True)
+    return model
+
+
+def _fit_vocab(state: dict[str, torch.Tensor], keys: list[str], config: MambaConfig,
+               directory: Path) -> None:
+    """Pad (with zeros) or crop vocabulary rows to config.padded_vocab_size.
+
+    Only padding rows (ids >= vocab_size) may be cropped; a file with fewer rows than
+    vocab_size is an error.
+    """
+    target = config.padded_vocab_size
+    for key in keys:
+        t = state[key]
+        rows = t.shape[0]
+        if rows == target:
+            continue
+        if rows < config.vocab_size:
+            raise ValueError(f"{directory}: {key!r} has {rows} rows but the config's vocab_size is "
+                             f"{config.vocab_size}; the checkpoint and its config.json disagree")
+        if rows > target:
+            state[key] = t[:target]
+        else:
+            state[key] = torch.cat([t, t.new_zeros(target - rows, *t.shape[1:])])
+
+
+def _fill_tied_bidirectional(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Reverse-direction projections tied to the forward ones may be stored under one name only."""
+    expected = model.state_dict()
+    for key in expected:
+        if ".mixer.mamba_rev." in key and key not in state:
+            fwd = key.replace(".mixer.mamba_rev.", ".mixer.mamba_fwd.")
+            if fwd in state and expected[key].data_ptr() == expected[fwd].data_ptr():
+                state[key] = state[fwd]
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path,
+                strict: bool) -> None:
+    """load_state_dict with errors that name the file, the keys and the shapes."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if strict and (missing or unexpected):
+        raise KeyError(f"{source}: weights do not match the {type(model).__name__}: "
+                       f"missing keys {_names(missing)}, unexpected keys {_names(unexpected)}; "
+                       "the checkpoint was written for a different model or config")
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+           for k in expected if k in state and state[k].shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{source}: tensor shapes differ from the model's: {bad[:8]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def _build(architecture: str, config: MambaConfig, head: dict) -> torch.nn.Module:
+    # Imported here so that this module (and seqlab's import) does not pull in the model layer.
+    import seqlab.model as models
+    cls = getattr(models, architecture, None)
+    if cls is None:
+        raise ImportError(f"seqlab.model does not export {architecture}")
+    return cls(config, **head)
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}, so no known checkpoint format "
+                                f"(files present: {present})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a foreign checkpoint: safetensors first, then pytorch_model.bin,
+    single file or sharded (*.index.json with a weight_map)."""
+    for name, reader in ((WEIGHTS_NAME, _read_safetensors), ("pytorch_model.bin", _read_pickle)):
+        if (directory / name).is_file():
+            return reader(directory / name)
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(reader(directory / shard))
+            return state
+    raise FileNotFoundError(f"{directory}: no weights found; expected {WEIGHTS_NAME} or "
+                            "pytorch_model.bin (or a sharded *.index.json of either)")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors, and seqlab "
+            "loads pickles only with weights_only=True (arbitrary objects can run code). Convert "
+            f"it to safetensors in a trusted environment. Detail: {err}") from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of name -> tensor (a state_dict), got "
+                         f"{type(state).__name__}")
+    return state
+
+
+def _dedup_shared(state: dict[str, torch.Tensor], where: Path
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep each storage once: later keys that alias an earlier tensor become {alias: source}."""
+    seen: dict[tuple, str] = {}
+    storages: dict[int, str] = {}
+    tensors, ties = {}, {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                 tuple(t.stride()), t.dtype)
+        if ident in seen:
+            ties[key] = seen[ident]
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in storages:
+            raise ValueError(f"save_model({where}): {key!r} is a partial view of {storages[ptr]!r}; "
+                             "safetensors stores whole tensors only: clone one of them")
+        if t.numel():
+            storages[ptr] = key
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous().cpu()
+    return tensors, ties
+
+
+def _refuse_foreign_directory(directory: Path) -> None:
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"save_model: {directory} exists and is not a directory")
+    config = directory / CONFIG_NAME
+    is_ours = config.is_file() and "seqlab_version" in _read_config(directory)
+    if any(directory.iterdir()) and not is_ours:
+        raise FileExistsError(f"save_model: {directory} is a non-empty directory that is not a "
+                              "seqlab checkpoint; refusing to replace it. Choose another path")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _names(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"[{shown}{more}]" if keys else "[]"
