@@ -31,8 +31,8 @@ Tensor = torch.Tensor
 
 # Chosen by measurement on 2 CPU cores at (batch 2, dim 256, L 1024, N 16): see the report of
 # kernels/bench.py. Q is the number of sequential steps per segment, CHUNK a multiple of Q.
-DEFAULT_CHUNK = 256
-DEFAULT_SEG = 16
+DEFAULT_CHUNK = 128
+DEFAULT_SEG = 8
 
 
 # --------------------------------------------------------------------------- layout helpers
