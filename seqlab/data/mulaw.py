@@ -28,7 +28,7 @@ import torch
 
 MU = 255
 NUM_CODES = MU + 1
-# round(127.5) = 128 under round-half-to-even, which torch.round and numpy.round both use.
+# rint(127.5) = 128: numpy rounds half to even.
 ZERO_CODE = 128
 LINEAR_ZERO_CODE = 128
 MULAW_STEP = ((1.0 + MU) ** (1.0 / MU) - 1.0) / MU
@@ -49,29 +49,31 @@ __all__ = [
 ]
 
 
-def _as_float_samples(x, name: str) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    if not torch.is_floating_point(x):
+def _as_float_samples(x, name: str) -> np.ndarray:
+    # The arithmetic runs in numpy: these elementwise ops are memory-bound, and torch's
+    # intra-op threads cost far more than they save when CPU cores are shared or busy.
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name}: expected float samples in [-1, 1], got dtype {x.dtype}; "
                         "convert integer PCM with x / 32768.0 first")
-    bad = ~torch.isfinite(x)
+    bad = ~np.isfinite(x)
     if bad.any():
-        first = int(bad.flatten().nonzero()[0])
-        raise ValueError(f"{name}: sample {first} is {x.flatten()[first].item()} (NaN or infinite); "
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name}: sample {first} is {x.flat[first]} (NaN or infinite); "
                          "clean the waveform before encoding")
     # float64 keeps the companding exact enough that the documented bound holds to the last bit.
     # Clamping (instead of raising) because float files and resampling overshoot [-1, 1] slightly.
-    return x.to(torch.float64).clamp(-1.0, 1.0)
+    return np.clip(x.astype(np.float64), -1.0, 1.0)
 
 
-def _as_codes(codes, name: str) -> torch.Tensor:
-    codes = torch.as_tensor(codes)
-    if torch.is_floating_point(codes) or codes.dtype == torch.bool:
+def _as_codes(codes, name: str) -> np.ndarray:
+    codes = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    if not np.issubdtype(codes.dtype, np.integer):
         raise TypeError(f"{name}: expected integer codes 0..{MU}, got dtype {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > MU):
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) > MU):
         raise ValueError(f"{name}: codes must lie in 0..{MU}, got min {int(codes.min())} max {int(codes.max())}; "
                          "special ids (pad=256 ...) must be removed before decoding")
-    return codes.to(torch.float64)
+    return codes.astype(np.float64)
 
 
 def mulaw_encode(x) -> torch.Tensor:
@@ -85,8 +87,8 @@ def mulaw_encode(x) -> torch.Tensor:
         ValueError on NaN / infinite samples, TypeError on integer input.
     """
     x = _as_float_samples(x, "mulaw_encode")
-    y = torch.sign(x) * torch.log1p(MU * x.abs()) / math.log1p(MU)
-    return torch.round((y + 1.0) / 2.0 * MU).to(torch.int64)
+    y = np.sign(x) * np.log1p(MU * np.abs(x)) / math.log1p(MU)
+    return torch.from_numpy(np.asarray(np.rint((y + 1.0) / 2.0 * MU), dtype=np.int64))
 
 
 def mulaw_decode(codes) -> torch.Tensor:
@@ -98,8 +100,8 @@ def mulaw_decode(codes) -> torch.Tensor:
         float32 tensor of the same shape in [-1, 1]; error bound in the module docstring.
     """
     y = _as_codes(codes, "mulaw_decode") / MU * 2.0 - 1.0
-    x = torch.sign(y) * torch.expm1(y.abs() * math.log1p(MU)) / MU
-    return x.to(torch.float32)
+    x = np.sign(y) * np.expm1(np.abs(y) * math.log1p(MU)) / MU
+    return torch.from_numpy(np.asarray(x, dtype=np.float32))
 
 
 def linear_encode(x) -> torch.Tensor:
@@ -111,12 +113,12 @@ def linear_encode(x) -> torch.Tensor:
         int64 tensor of the same shape, values 0..255; 0.0 maps to LINEAR_ZERO_CODE.
     """
     x = _as_float_samples(x, "linear_encode")
-    return torch.round((x + 1.0) / 2.0 * MU).to(torch.int64)
+    return torch.from_numpy(np.asarray(np.rint((x + 1.0) / 2.0 * MU), dtype=np.int64))
 
 
 def linear_decode(codes) -> torch.Tensor:
     """8-bit linear codes -> float32 samples in [-1, 1]; |x - x_hat| <= 1/255."""
-    return (_as_codes(codes, "linear_decode") / MU * 2.0 - 1.0).to(torch.float32)
+    return torch.from_numpy(np.asarray(_as_codes(codes, "linear_decode") / MU * 2.0 - 1.0, dtype=np.float32))
 
 
 def mulaw_error_bound(x) -> torch.Tensor:
@@ -126,4 +128,4 @@ def mulaw_error_bound(x) -> torch.Tensor:
     dx/dy = ln(1 + mu) (1 + mu|x|) / mu grows with |x|. float32 output rounding adds < 1e-7.
     """
     x = _as_float_samples(x, "mulaw_error_bound")
-    return (1.0 + MU * x.abs()) * MULAW_STEP + 1e-7
+    return torch.from_numpy(np.asarray((1.0 + MU * np.abs(x)) * MULAW_STEP + 1e-7))
