@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -140,7 +141,7 @@ class Genome(Mapping):
             try:
                 with bgzf.BgzfReader(str(self.path), "rb") as fh:
                     head = fh.read(1)
-            except (ValueError, OSError, EOFError, zlib.error) as err:
+            except (ValueError, OSError, EOFError, zlib.error, struct.error) as err:
                 raise ValueError(f"{self.path}: not a readable BGZF (block gzip) file ({err}); "
                                  "plain gzip cannot be indexed: recompress with `bgzip` or "
                                  "`seqlab prepare`, or gunzip it") from None
@@ -190,7 +191,7 @@ class Genome(Mapping):
                 raise ValueError(f"{self.path}: duplicate contig name {name!r}: contig names (first "
                                  "word of each '>' line) must be unique; rename one record") from None
             raise ValueError(f"{self.path}: cannot read FASTA ({err})") from None
-        except (EOFError, OSError, zlib.error) as err:
+        except (EOFError, OSError, zlib.error, struct.error) as err:
             raise ValueError(f"{self.path}: corrupt or truncated FASTA/BGZF file ({type(err).__name__}: "
                              f"{err}); re-create it (bgzip / `seqlab prepare`)") from None
         self._pid = os.getpid()
@@ -255,7 +256,7 @@ class Genome(Mapping):
         else:
             try:
                 seq = self._handle().from_file(name, start + 1, end)  # pyfaidx is 1-based inclusive
-            except (EOFError, OSError, ValueError, zlib.error) as err:
+            except (EOFError, OSError, ValueError, zlib.error, struct.error) as err:
                 raise ValueError(f"{self.path}: contig {name!r}: reading [{start}, {end}) failed "
                                  f"({type(err).__name__}: {err}); the file is corrupt or truncated, "
                                  "or its index is stale: delete the .fai/.gzi and reopen") from None
