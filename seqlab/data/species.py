@@ -169,7 +169,7 @@ class SpeciesWindowDataset(torch.utils.data.Dataset):
     """Random labelled windows of one split, balanced across species.
 
     Item i of epoch e is drawn from np.random.default_rng([seed, e, i]): a species
-    uniformly, then a file and contig weighted by usable length, then a start, then the
+    uniformly (among those with data in `split`; only train requires every species), then a file and contig weighted by usable length, then a start, then the
     strand (reverse complement with probability 1/2 when rc_augment). The order is a pure
     function of (seed, epoch, index), so training resumes at any step with the same data.
 
@@ -181,13 +181,19 @@ class SpeciesWindowDataset(torch.utils.data.Dataset):
         self.manifest, self.split, self.window, self.seed = manifest, split, window, seed
         self.rc_augment, self.max_n_frac, self.epoch_size = rc_augment, max_n_frac, epoch_size
         self.epoch = 0
-        self.sources = []  # per species label: list of (file, intervals, weight)
+        # Species without any file in a val/test split are left out (labels keep their
+        # manifest numbering); a species whose files are all shorter than the window is an error.
+        self.labels: list[int] = []
+        self.sources = []  # parallel to self.labels: list of (file, intervals, weight)
         for sp, parts in manifest.split_files(split).items():
+            if not parts and split != "train":
+                continue
             usable = [(f, [iv for iv in ivs if len(iv) >= window]) for f, ivs in parts]
             usable = [(f, ivs, sum(len(iv) - window + 1 for iv in ivs)) for f, ivs in usable if ivs]
             if not usable:
                 raise ValueError(f"{manifest.path}: species {sp!r} has no {split} region of at least "
                                  f"{window} bp; use a shorter window or add {split} data")
+            self.labels.append(manifest.label(sp))
             self.sources.append(usable)
 
     def set_epoch(self, epoch: int) -> None:
@@ -200,8 +206,8 @@ class SpeciesWindowDataset(torch.utils.data.Dataset):
         """(label, file, Window) of item `index` of `epoch` (default: the current epoch)."""
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch, index])
-        label = int(rng.integers(len(self.sources)))
-        files = self.sources[label]
+        k = int(rng.integers(len(self.sources)))
+        label, files = self.labels[k], self.sources[k]
         w = np.array([n for _, _, n in files], dtype=np.float64)
         f, ivs, _ = files[int(rng.choice(len(files), p=w / w.sum()))] if len(files) > 1 else files[0]
         win = sample_window(ivs, self.window, rng, self.manifest.genome(f), self.max_n_frac,
@@ -245,10 +251,12 @@ def species_eval_windows(manifest: SpeciesManifest, split: str, window: int = 10
     Windows start every `stride` bp (default: window, i.e. non-overlapping) within each
     file's split intervals; windows with more than max_n_frac N are skipped. When a
     species has more than max_per_species, an evenly spaced subset is kept so that the
-    whole genome slice stays represented.
+    whole genome slice stays represented. Species without data in `split` are left out.
     """
     items = []
     for sp, parts in manifest.split_files(split).items():
+        if not parts:
+            continue  # this species has no file in `split` (only train is required)
         label = manifest.label(sp)
         tiles = []
         for f, ivs in parts:
