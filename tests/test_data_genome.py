@@ -123,6 +123,16 @@ def test_bgzip_round_trip_across_blocks(tmp_path):
     assert g.fetch("ctg1", 0, len(seqs["ctg1"])) == seqs["ctg1"]
 
 
+def test_genome_reopens_after_fork_and_pickles(tiny):
+    import pickle
+    g = Genome(tiny)
+    handle = g._faidx
+    g._pid = -1  # as seen from a forked DataLoader worker: the inherited handle must not be shared
+    assert g.fetch("chr1", 2, 6) == "GTAC" and g._faidx is not handle
+    clone = pickle.loads(pickle.dumps(g))
+    assert clone.fetch("chr2", 4, 8) == "AATT" and clone.lengths == g.lengths
+
+
 def test_read_only_folder_builds_index_in_cache(tiny, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setattr(genome_mod.os, "access", lambda path, mode: False)

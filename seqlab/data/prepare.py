@@ -59,8 +59,9 @@ def debian_sources(root: str | os.PathLike = RAGOUT_EXAMPLES) -> dict[str, list[
     return out
 
 
-RAGOUT_LICENCE = ("Sequences: NCBI GenBank/RefSeq records (public, no use restrictions by NCBI); "
-                  "packaged in Debian's ragout-examples 2.3-4 (BSD-3-clause, Ragout authors)")
+RAGOUT_LICENCE = ("Sequences: NCBI GenBank/RefSeq records (NCBI places no restrictions on their use "
+                  "or distribution); packaged in Debian's ragout-examples 2.3-4 (BSD-3-clause, "
+                  "the Ragout authors)")
 RAGOUT_NOTE = """Complete bacterial chromosomes from Debian's `ragout-examples` package (version 2.3-4,
 BSD-3-clause, (c) 2013-2018 the Ragout authors; files under
 /usr/share/doc/ragout/examples/<species>/references/). The sequences themselves are NCBI
