@@ -18,6 +18,9 @@ Bounds (tested in tests/test_data_audio.py):
 ZERO_CODE (128) is the code of 0.0 under both encodings: (0 + 1) / 2 * 255 = 127.5 rounds half
 to even, to 128. It pads clips and starts the shifted input sequence. Its decoded value is not
 exactly 0 (8.6e-5 for mu-law, 1/255 for linear): 256 levels have no exact midpoint.
+
+Inputs may be tensors on any device (any float dtype, bfloat16 included) or numpy arrays;
+outputs are CPU tensors, since the arithmetic runs in numpy float64: move them with .to(device).
 """
 from __future__ import annotations
 
@@ -52,7 +55,9 @@ __all__ = [
 def _as_float_samples(x, name: str) -> np.ndarray:
     # The arithmetic runs in numpy: these elementwise ops are memory-bound, and torch's
     # intra-op threads cost far more than they save when CPU cores are shared or busy.
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if isinstance(x, torch.Tensor):  # float16 / bfloat16 have no numpy dtype: widen first
+        x = (x.detach().to(torch.float64) if torch.is_floating_point(x) else x.detach()).cpu().numpy()
+    x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name}: expected float samples in [-1, 1], got dtype {x.dtype}; "
                         "convert integer PCM with x / 32768.0 first")
@@ -68,6 +73,8 @@ def _as_float_samples(x, name: str) -> np.ndarray:
 
 def _as_codes(codes, name: str) -> np.ndarray:
     codes = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    if codes.dtype == np.bool_:
+        raise TypeError(f"{name}: expected integer codes 0..{MU}, got booleans")
     if not np.issubdtype(codes.dtype, np.integer):
         raise TypeError(f"{name}: expected integer codes 0..{MU}, got dtype {codes.dtype}")
     if codes.size and (int(codes.min()) < 0 or int(codes.max()) > MU):
