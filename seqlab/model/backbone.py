@@ -1,0 +1,215 @@
+"""Backbone (embedding -> n_layer pre-norm blocks -> final norm) and the causal LM on top.
+
+Parameter names follow mamba_ssm's MambaLMHeadModel so its checkpoints load by identity:
+``backbone.embedding.weight``, ``backbone.layers.{i}.norm.weight``,
+``backbone.layers.{i}.mixer.*`` (``mixer.mamba_fwd.*`` / ``mixer.mamba_rev.*`` when
+bidirectional), ``backbone.norm_f.weight``, ``lm_head.weight``. With
+``config.rc_equivariant`` the norms and mixers are wrapped (``norm.submodule.weight``,
+``mixer.submodule.*``) and work on d_model / 2 channels per strand.
+
+A cache for step-by-step decoding is a list with one (conv_state, ssm_state) per layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .bidirectional import BiMixer
+from .config import MambaConfig
+from .mixer import Mixer
+from .rc import RCEmbedding, RCLMHead, RCWrapper
+
+Tensor = torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    """x (..., d) -> x / rms(x) * weight, computed in float32 and returned in x's dtype."""
+
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def make_norm(config: MambaConfig, d: int, device=None, dtype=None) -> nn.Module:
+    if config.norm == "rms":
+        return RMSNorm(d, config.norm_eps, device=device, dtype=dtype)
+    return nn.LayerNorm(d, eps=config.norm_eps, device=device, dtype=dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: residual = residual + hidden; hidden = mixer(norm(residual)).
+
+    Carrying (hidden, residual) separately, as mamba_ssm does, lets the residual stream stay
+    in float32 (``config.residual_in_fp32``) while the mixer runs in a lower precision.
+    """
+
+    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        mixer_cls = BiMixer if config.bidirectional else Mixer
+        if config.rc_equivariant:
+            half = dataclasses.replace(config, d_model=config.d_model // 2)
+            self.norm = RCWrapper(make_norm(config, half.d_model, device, dtype))
+            self.mixer = RCWrapper(mixer_cls(half, layer_idx, device=device, dtype=dtype))
+        else:
+            self.norm = make_norm(config, config.d_model, device, dtype)
+            self.mixer = mixer_cls(config, layer_idx, device=device, dtype=dtype)
+
+    def forward(self, hidden: Tensor, residual: Tensor | None = None, cache=None,
+                lengths: Tensor | None = None, cu_seqlens: Tensor | None = None):
+        """hidden, residual (batch, L, d_model) -> (mixer output, new residual)."""
+        residual = hidden if residual is None else residual + hidden
+        hidden = self.norm(residual.to(self._norm_dtype()))
+        if self.residual_in_fp32:
+            residual = residual.float()
+        kw = {}
+        if lengths is not None:
+            kw["lengths"] = lengths
+        if cu_seqlens is not None:
+            kw["cu_seqlens"] = cu_seqlens
+        if cache is not None:
+            kw["cache"] = cache
+        return self.mixer(hidden, **kw), residual
+
+    def _norm_dtype(self) -> torch.dtype:
+        return next(self.norm.parameters()).dtype
+
+    def step(self, hidden: Tensor, residual: Tensor | None, cache):
+        """One token: hidden, residual (batch, d_model) -> (mixer output, new residual)."""
+        if not isinstance(self.mixer, Mixer):
+            raise ValueError("Block.step: only causal, non-RC models decode step by step "
+                             "(config.bidirectional and config.rc_equivariant must be False)")
+        residual = hidden if residual is None else residual + hidden
+        hidden = self.norm(residual.to(self._norm_dtype()))
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return self.mixer.step(hidden, cache), residual
+
+
+class Backbone(nn.Module):
+    """ids (batch, L) long -> hidden (batch, L, d_model) after the final norm."""
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        if config.pool_factors:
+            raise NotImplementedError(
+                f"MambaConfig.pool_factors={config.pool_factors}: the multi-scale (pooled) "
+                "backbone is not implemented yet; use pool_factors=[] for a flat stack")
+        self.config = config
+        if config.rc_equivariant:
+            self.embedding = RCEmbedding(config.padded_vocab_size, config.d_model, device, dtype)
+            self.norm_f = RCWrapper(make_norm(config, config.d_model // 2, device, dtype))
+        else:
+            self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+            self.norm_f = make_norm(config, config.d_model, device, dtype)
+        self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layer))
+        init_weights(self, config.n_layer)
+
+    def forward(self, ids: Tensor, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                cache: list | None = None) -> Tensor:
+        """ids (batch, L); lengths (batch,) for right padding; cu_seqlens (nseq+1,) for packing
+        (batch 1); cache from :meth:`allocate_cache` for a causal prefill."""
+        hidden = self.embedding(ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, cache=None if cache is None else cache[i],
+                                     lengths=lengths, cu_seqlens=cu_seqlens)
+        residual = residual + hidden if residual is not None else hidden
+        return self.norm_f(residual.to(self._out_dtype()))
+
+    def _out_dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    def allocate_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> list:
+        """One (conv_state, ssm_state) per layer (see :meth:`Mixer.allocate_cache`)."""
+        caches = []
+        for layer in self.layers:
+            if not isinstance(layer.mixer, Mixer):
+                raise ValueError("Backbone.allocate_cache: only causal, non-RC models keep a "
+                                 "decoding cache (config.bidirectional / rc_equivariant are set)")
+            caches.append(layer.mixer.allocate_cache(batch, dtype, device))
+        return caches
+
+    def step(self, ids_t: Tensor, cache: list) -> Tensor:
+        """ids_t (batch,) long -> hidden (batch, d_model); advances every layer's cache."""
+        hidden = self.embedding(ids_t)
+        residual = None
+        for layer, c in zip(self.layers, cache):
+            hidden, residual = layer.step(hidden, residual, c)
+        residual = residual + hidden if residual is not None else hidden
+        return self.norm_f(residual.to(self._out_dtype()))
+
+
+class MambaLM(nn.Module):
+    """Causal byte LM: ids (batch, L) -> logits (batch, L, padded_vocab_size).
+
+    ``lm_head.weight`` is the embedding matrix when ``config.tie_embeddings``.
+    """
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config, device=device, dtype=dtype)
+        V = config.padded_vocab_size
+        if config.rc_equivariant:
+            self.lm_head = RCLMHead(config.d_model, V, device=device, dtype=dtype)
+        else:
+            self.lm_head = nn.Linear(config.d_model, V, bias=False, device=device, dtype=dtype)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def forward(self, ids: Tensor, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                cache: list | None = None) -> Tensor:
+        return self.lm_head(self.backbone(ids, lengths=lengths, cu_seqlens=cu_seqlens, cache=cache))
+
+    def allocate_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> list:
+        return self.backbone.allocate_cache(batch, dtype, device)
+
+    def step(self, ids_t: Tensor, cache: list) -> Tensor:
+        """ids_t (batch,) -> logits (batch, padded_vocab_size) for the next token."""
+        return self.lm_head(self.backbone.step(ids_t, cache))
+
+
+def init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
+    """mamba_ssm's initialisation: Linear biases zero (except flagged ``_no_reinit``),
+    embeddings N(0, 0.02), and each out_proj (the layer's write into the residual stream)
+    rescaled by 1/sqrt(n_layer) so the residual variance does not grow with depth (GPT-2)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            if m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.Embedding, RCEmbedding)):
+            nn.init.normal_(m.weight, std=initializer_range)
+    seen = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if name.endswith("out_proj.weight") and id(p) not in seen:
+            seen.add(id(p))  # tied BiMixer projections: rescale once
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                p /= math.sqrt(n_layer)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and undecayed biases, norm weights, 1-D parameters
+    and anything flagged ``_no_weight_decay`` (A_log, D, LTI B/C). Shared (tied) parameters
+    appear once."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # removes duplicates of tied parameters
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or name.endswith("bias") or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,252 @@
+"""The Mamba-1 mixer (selective SSM block), with mamba_ssm's parameter names and initialisation.
+
+Glossary (code name -> paper symbol): d_model = D, d_inner = E*D, d_state = N,
+dt_rank = R, d_conv = K, delta = Δ, A = -exp(A_log), B, C as in the paper, D = skip.
+
+Data flow for x (batch, L, d_model):
+    in_proj -> (x_in, z), each (batch, L, d_inner)
+    x_in -> depthwise conv over time (kernel K) -> SiLU -> u      (batch, d_inner, L)
+    x_proj(u) -> (dt (R), B (N), C (N)) per position; delta = dt_proj.weight @ dt
+    y = selective_scan(u, delta + dt_proj.bias (softplus), A, B, C, D, gate z)
+    out_proj(y) -> (batch, L, d_model)
+
+Inference protocol (causal direction only): ``allocate_cache(batch, dtype)`` ->
+(conv_state (batch, d_inner, K), ssm_state (batch, d_inner, N) float32);
+``forward(x, cache)`` prefills (and may be called again to continue a prefill);
+``step(x_t, cache)`` advances one token with O(1) work.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seqlab.kernels import selective_scan, selective_state_update
+
+from .config import MambaConfig
+
+Tensor = torch.Tensor
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    """y such that softplus(y) = x, for x > 0 (written to stay finite for small x)."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def init_dt_bias(d_inner: int, config: MambaConfig, device=None) -> Tensor:
+    """Bias whose softplus is Δ drawn log-uniformly in [dt_min, dt_max], floored: (d_inner,) fp32."""
+    lo, hi = math.log(config.dt_min), math.log(config.dt_max)
+    dt = torch.exp(torch.rand(d_inner, device=device) * (hi - lo) + lo)
+    return inverse_softplus(dt.clamp(min=config.dt_init_floor))
+
+
+def positions_in_segments(cu_seqlens: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """For packed sequences: (offset from own start, offset to own last token), each (length,) long."""
+    cs = cu_seqlens.to(torch.long)
+    seg_len = cs[1:] - cs[:-1]
+    seg_id = torch.repeat_interleave(torch.arange(seg_len.numel(), device=cs.device), seg_len)
+    t = torch.arange(length, device=cs.device)
+    from_start = t - cs[:-1][seg_id]
+    to_end = cs[1:][seg_id] - 1 - t
+    return from_start, to_end
+
+
+def length_mask(lengths: Tensor, length: int) -> Tensor:
+    """(batch, length) bool, True on real (non-padding) positions of right-padded sequences."""
+    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class Mixer(nn.Module):
+    """Mamba-1 selective SSM mixer: (batch, L, d_model) -> (batch, L, d_model).
+
+    ``config.selective=False`` builds the LTI ablation: Δ (via ``dt_bias``), B and C
+    (``B_lti``, ``C_lti``, per channel) are learned parameters that do not depend on the
+    input, and there is no x_proj / dt_proj.
+    """
+
+    def __init__(self, config: MambaConfig, layer_idx: int | None = None, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.config = config
+        self.layer_idx = layer_idx
+        self.d_model = config.d_model
+        self.d_inner = config.d_inner
+        self.d_state = config.d_state
+        self.d_conv = config.d_conv
+        self.dt_rank = config.dt_rank_value
+        self.selective = config.selective
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(self.d_model, 2 * E, bias=config.bias, **fk)
+        # Padding is applied by hand (left for causal, right for anti-causal), so none here.
+        self.conv1d = nn.Conv1d(E, E, kernel_size=self.d_conv, groups=E, bias=config.conv_bias, **fk)
+        if self.selective:
+            self.x_proj = nn.Linear(E, R + 2 * N, bias=False, **fk)
+            self.dt_proj = nn.Linear(R, E, bias=True, **fk)
+            std = R ** -0.5 * config.dt_scale
+            with torch.no_grad():
+                if config.dt_init == "constant":
+                    nn.init.constant_(self.dt_proj.weight, std)
+                elif config.dt_init == "random":
+                    nn.init.uniform_(self.dt_proj.weight, -std, std)
+                else:
+                    raise ValueError(f"MambaConfig.dt_init={config.dt_init!r}: needs 'random' or 'constant'")
+                self.dt_proj.bias.copy_(init_dt_bias(E, config, device))
+            # The backbone's initialiser zeroes Linear biases; this one must survive.
+            self.dt_proj.bias._no_reinit = True
+        else:
+            self.dt_bias = nn.Parameter(init_dt_bias(E, config, device).to(dtype or torch.float32))
+            self.dt_bias._no_reinit = True
+            # S4D-style real init: B = 1, C random with unit total variance per channel.
+            self.B_lti = nn.Parameter(torch.ones(E, N, device=device))
+            self.C_lti = nn.Parameter(torch.randn(E, N, device=device) * N ** -0.5)
+            self.B_lti._no_weight_decay = True
+            self.C_lti._no_weight_decay = True
+
+        # S4D-real: A_n = -(n + 1) for every channel; kept in fp32 as log for positivity.
+        A = torch.arange(1, N + 1, dtype=torch.float32, device=device).repeat(E, 1)  # (E, N)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(E, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(E, self.d_model, bias=config.bias, **fk)
+
+    # ------------------------------------------------------------------ pieces
+    def _conv(self, x: Tensor, reverse: bool, cu_seqlens: Tensor | None,
+              prefix: Tensor | None = None) -> Tensor:
+        """Depthwise conv over time: x (batch, E, L) -> (batch, E, L), before SiLU.
+
+        Causal (output t sees t-K+1..t) or, with ``reverse``, anti-causal (sees t..t+K-1).
+        ``prefix`` (batch, E, K-1) replaces the causal zero padding (continued prefill).
+        """
+        K = self.d_conv
+        w = self.conv1d.weight  # (E, 1, K)
+        if cu_seqlens is None:
+            if prefix is not None:
+                xp = torch.cat([prefix.to(x.dtype), x], dim=-1)
+            else:
+                xp = F.pad(x, (0, K - 1) if reverse else (K - 1, 0))
+            if reverse:
+                # Anti-causal = correlation with the taps reversed so tap K-1 still hits t itself.
+                w = w.flip(-1)
+            return F.conv1d(xp, w, self.conv1d.bias, groups=self.d_inner)
+        # Packed sequences: sum of shifted copies, each tap masked where it would cross a
+        # sequence boundary. Tap j (0 = current token) reads t - j (causal) or t + j.
+        from_start, to_end = positions_in_segments(cu_seqlens, x.shape[-1])
+        room = to_end if reverse else from_start
+        out = x * w[:, 0, K - 1, None]
+        for j in range(1, K):
+            shifted = F.pad(x, (0, j))[..., j:] if reverse else F.pad(x, (j, 0))[..., :-j]
+            out = out + shifted * (room >= j).to(x.dtype) * w[:, 0, K - 1 - j, None]
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias[:, None]
+        return out
+
+    def _ssm_inputs(self, u: Tensor):
+        """u (batch, E, L) -> delta (batch, E, L), B, C (batch, N, L) or (batch, E, N, L), bias."""
+        batch, E, L = u.shape
+        if not self.selective:
+            delta = u.new_zeros(1, 1, 1).expand(batch, E, L)
+            Bm = self.B_lti.to(u.dtype)[None, :, :, None].expand(batch, E, self.d_state, L)
+            Cm = self.C_lti.to(u.dtype)[None, :, :, None].expand(batch, E, self.d_state, L)
+            return delta, Bm, Cm, self.dt_bias.float()
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (batch, L, R + 2N)
+        dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)  # (batch, L, E); bias goes to the kernel
+        # Channels-last views: the scan accepts any strides, so no copies here.
+        return delta.transpose(1, 2), Bm.transpose(1, 2), Cm.transpose(1, 2), self.dt_proj.bias.float()
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None,
+                lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                reverse: bool = False) -> Tensor:
+        """x (batch, L, d_model) -> (batch, L, d_model).
+
+        Args:
+            cache: (conv_state, ssm_state) from :meth:`allocate_cache`; filled in place
+                (prefill). Causal direction only; not with lengths / cu_seqlens.
+            lengths: (batch,) real lengths of right-padded sequences. Padded positions are
+                zeroed before the conv and the scan, so nothing leaks into real positions in
+                either direction and the reverse scan starts at each sequence's last token.
+            cu_seqlens: (nseq + 1,) boundaries of sequences packed along L (batch 1).
+            reverse: scan and convolve from the end (the backward half of a BiMixer).
+        """
+        return self.mix(self.in_proj(x), cache, lengths, cu_seqlens, reverse, self.out_proj)
+
+    def mix(self, xz: Tensor, cache=None, lengths=None, cu_seqlens=None, reverse=False,
+            out_proj: nn.Module | None = None) -> Tensor:
+        """Everything after in_proj: xz (batch, L, 2E) -> (batch, L, d_model) via ``out_proj``.
+
+        Split out so a BiMixer with tied projections computes in_proj once for both directions.
+        """
+        if cache is not None and (reverse or lengths is not None or cu_seqlens is not None):
+            raise ValueError("Mixer.forward: a cache (prefill) works only for causal, unpadded, "
+                             "unpacked input; drop lengths/cu_seqlens/reverse")
+        batch, L, _ = xz.shape
+        x_in, z = xz.transpose(1, 2).chunk(2, dim=1)  # (batch, E, L) each, views
+        mask = None
+        if lengths is not None:
+            mask = length_mask(lengths, L)[:, None, :].to(x_in.dtype)  # (batch, 1, L)
+            x_in = x_in * mask
+        prefix = None
+        if cache is not None:
+            conv_state, ssm_state = cache
+            prefix = conv_state[:, :, 1:].clone()  # read before the in-place update below
+            # The last K inputs (left-filled from the previous state when L < K).
+            conv_state.copy_(torch.cat([conv_state, x_in.to(conv_state.dtype)], dim=-1)[..., -self.d_conv:])
+        u = F.silu(self._conv(x_in, reverse, cu_seqlens, prefix))
+        if mask is not None:
+            # Zero input on pads: the reverse scan's state stays exactly 0 across the padding
+            # (h = Ā·0 + Δ·B·0), so it starts fresh at each sequence's last real token.
+            u = u * mask
+        delta, Bm, Cm, dt_bias = self._ssm_inputs(u)
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(u, delta, A, Bm, Cm, self.D.float(), z, delta_bias=dt_bias,
+                           delta_softplus=True,
+                           initial_state=None if cache is None else cache[1],
+                           return_last_state=cache is not None, reverse=reverse,
+                           cu_seqlens=cu_seqlens, impl=self.config.scan_impl)
+        if cache is not None:
+            y, last = y
+            cache[1].copy_(last)
+        out_proj = self.out_proj if out_proj is None else out_proj
+        return out_proj(y.transpose(1, 2))
+
+    def allocate_cache(self, batch: int, dtype: torch.dtype | None = None, device=None):
+        """Zeroed (conv_state (batch, E, K) in dtype, ssm_state (batch, E, N) float32)."""
+        device = device or self.A_log.device
+        dtype = dtype or self.in_proj.weight.dtype
+        conv = torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype)
+        ssm = torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        return conv, ssm
+
+    def step(self, x_t: Tensor, cache: tuple[Tensor, Tensor]) -> Tensor:
+        """One token: x_t (batch, d_model) -> (batch, d_model); updates the cache in place.
+
+        Only in-place tensor ops on fixed buffers, so a CUDA graph can capture it.
+        """
+        conv_state, ssm_state = cache
+        xz = self.in_proj(x_t)  # (batch, 2E)
+        x_in, z = xz.chunk(2, dim=-1)
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x_in.to(conv_state.dtype)
+        u = (conv_state.to(x_in.dtype) * self.conv1d.weight[:, 0, :]).sum(-1)  # (batch, E)
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias
+        u = F.silu(u)
+        A = -torch.exp(self.A_log.float())
+        if self.selective:
+            dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt = F.linear(dt, self.dt_proj.weight)  # (batch, E)
+            dt_bias = self.dt_proj.bias.float()
+        else:
+            batch = u.shape[0]
+            dt = u.new_zeros(batch, self.d_inner)
+            Bm = self.B_lti.to(u.dtype)[None].expand(batch, -1, -1)  # (batch, E groups, N)
+            Cm = self.C_lti.to(u.dtype)[None].expand(batch, -1, -1)
+            dt_bias = self.dt_bias.float()
+        y = selective_state_update(ssm_state, u, dt, A, Bm, Cm, self.D.float(), z,
+                                   dt_bias=dt_bias, dt_softplus=True, impl=self.config.scan_impl)
+        return self.out_proj(y)

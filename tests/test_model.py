@@ -1,0 +1,290 @@
+"""Model layer: inference protocol, padding/packing, bidirectionality, RC equivariance, heads."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqlab.model import (Backbone, BiMixer, MambaConfig, MambaLM, MaskedLM, Mixer,
+                          SequenceClassifier, complement_table, conjoin_rc, mask_tokens,
+                          param_groups, reverse_complement)
+from seqlab.model.rc import rc_hidden, reverse_positions
+
+IMPL = "torch"
+
+
+def tiny(**kw):
+    base = dict(d_model=16, n_layer=2, d_state=4, d_conv=4, scan_impl=IMPL)
+    base.update(kw)
+    return MambaConfig(**base)
+
+
+def close(a, b, rtol=1e-4):
+    """Max abs error relative to the scale of the reference: fails on any real mismatch."""
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item() + 1e-12
+    assert err <= rtol * scale, f"max abs err {err:.3g} vs scale {scale:.3g}"
+
+
+# ----------------------------------------------------------------------- names and shapes
+def test_parameter_names_match_mamba_ssm(rng_seed):
+    m = MambaLM(tiny(norm="layer"))
+    keys = set(m.state_dict())
+    mixer = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+             "dt_proj.bias", "A_log", "D", "out_proj.weight"]
+    want = {"backbone.embedding.weight", "backbone.norm_f.weight", "backbone.norm_f.bias", "lm_head.weight"}
+    for i in range(2):
+        want |= {f"backbone.layers.{i}.norm.weight", f"backbone.layers.{i}.norm.bias"}
+        want |= {f"backbone.layers.{i}.mixer.{k}" for k in mixer}
+    assert keys == want
+    assert m.backbone.embedding.weight.shape == (264, 16)
+    assert m.lm_head.weight is m.backbone.embedding.weight
+    ids = torch.randint(0, 260, (2, 7))
+    assert m(ids).shape == (2, 7, 264)
+
+    bi = Backbone(tiny(bidirectional=True, n_layer=1))
+    keys = set(bi.state_dict())
+    for d in ("mamba_fwd", "mamba_rev"):
+        assert {f"layers.0.mixer.{d}.{k}" for k in mixer} <= keys
+    mix = bi.layers[0].mixer
+    assert mix.mamba_rev.in_proj.weight is mix.mamba_fwd.in_proj.weight
+    assert mix.mamba_rev.out_proj.weight is mix.mamba_fwd.out_proj.weight
+    assert mix.mamba_rev.x_proj.weight is not mix.mamba_fwd.x_proj.weight
+    untied = BiMixer(tiny(tie_bidirectional_projections=False))
+    assert untied.mamba_rev.in_proj.weight is not untied.mamba_fwd.in_proj.weight
+
+
+def test_initialisation_follows_mamba_ssm(rng_seed):
+    cfg = tiny(n_layer=4, d_model=32)
+    m = MambaLM(cfg)
+    mix = m.backbone.layers[0].mixer
+    dt = F.softplus(mix.dt_proj.bias)
+    assert dt.min() >= cfg.dt_init_floor * 0.999 and dt.max() <= cfg.dt_max * 1.001
+    assert torch.allclose(torch.exp(mix.A_log), torch.arange(1, 5.0).repeat(64, 1))
+    assert torch.equal(mix.D, torch.ones(64))
+    assert mix.A_log._no_weight_decay and mix.D._no_weight_decay
+    # out_proj: kaiming-uniform bound 1/sqrt(fan_in), then / sqrt(n_layer)
+    bound = 1 / math.sqrt(64) / math.sqrt(4)
+    assert mix.out_proj.weight.abs().max() <= bound
+    assert mix.out_proj.weight.abs().max() > 0.8 * bound
+    assert abs(m.backbone.embedding.weight.std().item() - 0.02) < 0.003
+
+
+# ----------------------------------------------------------------------- inference protocol
+@pytest.mark.parametrize("selective", [True, False])
+def test_step_by_step_equals_full_forward(rng_seed, selective):
+    m = MambaLM(tiny(n_layer=3, selective=selective))
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.allocate_cache(2)
+        steps = torch.stack([m.step(ids[:, t], cache) for t in range(11)], 1)
+    close(steps, full)
+
+
+def test_prefill_then_step_equals_full_forward(rng_seed):
+    m = MambaLM(tiny(n_layer=3))
+    ids = torch.randint(0, 256, (3, 13))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.allocate_cache(3)
+        a = m(ids[:, :2], cache=cache)  # shorter than d_conv: state keeps the zero history
+        b = m(ids[:, 2:7], cache=cache)  # a continued prefill
+        c = torch.stack([m.step(ids[:, t], cache) for t in range(7, 13)], 1)
+    close(torch.cat([a, b, c], 1), full)
+
+
+# ----------------------------------------------------------------------- directions, padding, packing
+def test_reverse_mixer_is_the_mirror_of_the_forward_one(rng_seed):
+    mix = Mixer(tiny())
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        close(mix(x, reverse=True), mix(x.flip(1)).flip(1))
+
+
+@pytest.mark.parametrize("strategy", ["add", "mul"])
+def test_bidirectional_padded_batch_equals_each_sequence_alone(rng_seed, strategy):
+    cfg = tiny(bidirectional=True, bidirectional_strategy=strategy)
+    lengths = torch.tensor([9, 4, 6])
+    # Mixer in each direction, then the whole backbone.
+    mix = Mixer(cfg)
+    x = torch.randn(3, 9, 16)
+    bb = Backbone(cfg)
+    ids = torch.randint(0, 256, (3, 9))
+    ids[1, 4:] = 256
+    ids[2, 6:] = 256
+    with torch.no_grad():
+        for reverse in (False, True):
+            out = mix(x, lengths=lengths, reverse=reverse)
+            for b, n in enumerate(lengths.tolist()):
+                close(out[b, :n], mix(x[b:b + 1, :n], reverse=reverse)[0])
+        # Garbage in the padding must not matter either.
+        x2 = x.clone()
+        x2[1, 4:] = 100 * torch.randn(5, 16)
+        close(mix(x2, lengths=lengths, reverse=True)[1, :4], mix(x, lengths=lengths, reverse=True)[1, :4])
+        hid = bb(ids, lengths=lengths)
+        for b, n in enumerate(lengths.tolist()):
+            close(hid[b, :n], bb(ids[b:b + 1, :n])[0])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_cu_seqlens_equals_separate_sequences(rng_seed, bidirectional):
+    bb = Backbone(tiny(bidirectional=bidirectional))
+    lens = [5, 2, 7, 1]
+    ids = torch.randint(0, 256, (1, sum(lens)))
+    cu = torch.tensor([0] + lens).cumsum(0)
+    with torch.no_grad():
+        packed = bb(ids, cu_seqlens=cu)
+        for i in range(len(lens)):
+            s, e = cu[i].item(), cu[i + 1].item()
+            close(packed[0, s:e], bb(ids[:, s:e])[0])
+
+
+# ----------------------------------------------------------------------- RC equivariance
+def test_complement_table():
+    t = complement_table()
+    assert t.shape == (260,) and t.dtype == torch.long
+    assert torch.equal(t[t], torch.arange(260))  # an involution
+    pairs = {"A": "T", "C": "G", "R": "Y", "K": "M", "B": "V", "D": "H", "S": "S", "W": "W", "N": "N"}
+    for a, b in pairs.items():
+        assert t[ord(a)] == ord(b) and t[ord(b)] == ord(a)
+        assert t[ord(a.lower())] == ord(b.lower())
+    assert torch.equal(t[256:], torch.arange(256, 260))
+    ids = torch.tensor([[ord(c) for c in "ACGTN"] + [256, 256]])
+    rc = reverse_complement(ids, lengths=torch.tensor([5]))
+    assert bytes(rc[0, :5].tolist()).decode() == "NACGT" and rc[0, 5:].tolist() == [256, 256]
+
+
+def dna(batch, L):
+    return torch.tensor([ord(c) for c in "ACGTacgtNRYKM"])[torch.randint(0, 13, (batch, L))]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_rc_equivariant_backbone_and_lm_head(rng_seed, bidirectional):
+    cfg = tiny(rc_equivariant=True, bidirectional=bidirectional, d_model=16)
+    m = MaskedLM(cfg) if bidirectional else MambaLM(cfg)
+    ids = dna(3, 10)
+    lengths = torch.tensor([10, 7, 3])
+    ids[1, 7:] = 256
+    ids[2, 3:] = 256
+    table = complement_table(264)
+    with torch.no_grad():
+        for lens in (None, lengths):
+            h = m.backbone(ids, lengths=lens)
+            h_rc = m.backbone(reverse_complement(ids, lens), lengths=lens)
+            mask = torch.ones(3, 10, 1) if lens is None else (torch.arange(10) < lens[:, None])[..., None]
+            close(h_rc * mask, rc_hidden(h, lens) * mask)
+            logits = m(ids, lengths=lens)
+            logits_rc = m(reverse_complement(ids, lens), lengths=lens)
+            close(logits_rc * mask, reverse_positions(logits, lens)[..., table] * mask)
+    # A plain model is not equivariant: the property above is not vacuous.
+    plain = Backbone(tiny(bidirectional=bidirectional))
+    with torch.no_grad():
+        diff = plain(reverse_complement(ids)) - rc_hidden(plain(ids))
+    assert diff.abs().max() > 1e-2
+
+
+def test_conjoin_rc_makes_any_model_strand_invariant(rng_seed):
+    clf = SequenceClassifier(tiny(), num_classes=3, conjoin_rc=True)
+    plain = SequenceClassifier(tiny(), num_classes=3)
+    plain.load_state_dict(clf.state_dict())
+    ids = dna(2, 8)
+    lengths = torch.tensor([8, 5])
+    ids[1, 5:] = 256
+    with torch.no_grad():
+        close(clf(ids, lengths), clf(reverse_complement(ids, lengths), lengths))
+        close(clf.embed(ids, lengths), clf.embed(reverse_complement(ids, lengths), lengths))
+        expect = (plain(ids, lengths) + plain(reverse_complement(ids, lengths), lengths)) / 2
+        close(clf(ids, lengths), expect)
+        # Per-position outputs line up position by position after flipping back.
+        lm = MambaLM(tiny())
+        conj = conjoin_rc(lm, ids, lengths, per_position=True, complement_vocab=True)
+        conj_rc = conjoin_rc(lm, reverse_complement(ids, lengths), lengths, per_position=True,
+                             complement_vocab=True)
+        back = reverse_positions(conj_rc, lengths)[..., complement_table(264)]
+        close(conj[0], back[0])
+        close(conj[1, :5], back[1, :5])
+    # An RC-equivariant backbone gives strand-invariant pooled features without conjoining.
+    eq = SequenceClassifier(tiny(rc_equivariant=True, bidirectional=True), num_classes=2)
+    with torch.no_grad():
+        close(eq(ids, lengths), eq(reverse_complement(ids, lengths), lengths))
+
+
+# ----------------------------------------------------------------------- LTI ablation
+def test_lti_parameters_do_not_depend_on_the_input(rng_seed):
+    mix = Mixer(tiny(selective=False))
+    assert not hasattr(mix, "x_proj") and not hasattr(mix, "dt_proj")
+    u1, u2 = torch.randn(2, 32, 6), torch.randn(2, 32, 6)
+    for a, b in zip(mix._ssm_inputs(u1), mix._ssm_inputs(u2)):
+        assert torch.equal(a, b)
+    sel = Mixer(tiny())
+    d1, d2 = sel._ssm_inputs(u1)[0], sel._ssm_inputs(u2)[0]
+    assert not torch.allclose(d1, d2)
+    m = MambaLM(tiny(selective=False))
+    loss = m(torch.randint(0, 256, (2, 8))).logsumexp(-1).mean()
+    loss.backward()
+    lti = m.backbone.layers[0].mixer
+    for p in (lti.B_lti, lti.C_lti, lti.dt_bias, lti.A_log):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------- optimiser groups
+def test_param_groups_flags():
+    m = MambaLM(tiny(norm="layer", bias=True))
+    decay, no_decay = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in m.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert not dn & nn_
+    assert dn | nn_ == set(names.values())
+    for n in nn_:
+        assert n.endswith(("bias", "A_log", "D", "norm.weight", "norm_f.weight")), n
+    for n in dn:
+        assert n.endswith(("proj.weight", "conv1d.weight", "embedding.weight")), n
+    assert "backbone.layers.0.mixer.A_log" in nn_ and "backbone.layers.0.mixer.in_proj.weight" in dn
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+# ----------------------------------------------------------------------- MLM masking
+def test_mask_tokens_statistics():
+    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    ids = torch.randint(0, 256, (64, 512), generator=g)
+    lengths = torch.randint(100, 513, (64,), generator=g)
+    pad = torch.arange(512)[None] >= lengths[:, None]
+    ids[pad] = 256
+    ids[:, 0] = 258  # a CLS token is never masked either
+    inputs, labels = mask_tokens(ids, lengths, generator=g)
+    sel = labels != -100
+    real = (~pad).sum() - 64
+    assert not sel[pad].any() and not sel[:, 0].any()
+    assert torch.equal(labels[sel], ids[sel])
+    assert torch.equal(inputs[~sel], ids[~sel])
+    n = sel.sum().item()
+    assert abs(n / real - 0.15) < 0.01
+    masked = (inputs[sel] == 257).float().mean().item()
+    kept = (inputs[sel] == ids[sel]).float().mean().item()
+    randomised = 1 - masked - kept
+    assert abs(masked - 0.8) < 0.02
+    # a random replacement equals the original 1/256 of the time
+    assert abs(kept - (0.1 + 0.1 / 256)) < 0.015
+    assert abs(randomised - 0.1 * 255 / 256) < 0.015
+    assert inputs[sel].max() <= 257 and (inputs[sel] != 257).logical_and(inputs[sel] >= 256).sum() == 0
+
+
+def test_masked_lm_trains_one_step(rng_seed):
+    m = MaskedLM(tiny(bidirectional=True))
+    ids = torch.randint(0, 256, (2, 12))
+    inputs, labels = mask_tokens(ids, prob=0.5)
+    logits = m(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert m.backbone.layers[0].mixer.mamba_rev.x_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="bidirectional"):
+        MaskedLM(tiny())
+
+
+def test_pool_factors_not_implemented():
+    with pytest.raises(NotImplementedError, match="pool_factors"):
+        Backbone(tiny(pool_factors=[4]))
