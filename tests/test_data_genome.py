@@ -131,6 +131,8 @@ def test_genome_reopens_after_fork_and_pickles(tiny):
     assert g.fetch("chr1", 2, 6) == "GTAC" and g._faidx is not handle
     clone = pickle.loads(pickle.dumps(g))
     assert clone.fetch("chr2", 4, 8) == "AATT" and clone.lengths == g.lengths
+    r = pickle.loads(pickle.dumps(g["chr1"][1:4]))
+    assert r == "CGT" and (r.name, r.start, r.end, r.strand) == ("chr1", 1, 4, "+")
 
 
 def test_read_only_folder_builds_index_in_cache(tiny, tmp_path, monkeypatch):

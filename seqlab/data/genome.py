@@ -59,6 +59,10 @@ class Region(str):
         obj.name, obj.start, obj.end, obj.strand = name, start, end, strand
         return obj
 
+    def __reduce__(self):
+        # str subclasses pickle through __new__(cls, text) by default, losing the coordinates.
+        return (Region, (str.__str__(self), self.name, self.start, self.end, self.strand))
+
     def __repr__(self) -> str:
         text = str.__str__(self)
         short = text if len(text) <= 20 else text[:17] + "..."
@@ -172,14 +176,14 @@ class Genome(Mapping):
 
     def _open(self) -> None:
         fai, gzi = self._index_paths()
-        read_only = fai is not None and fai == str(self.path) + ".fai"
+        shipped = fai is not None and fai == str(self.path) + ".fai"
         try:
             with warnings.catch_warnings():
                 # A shipped index in a read-only folder is trusted: file mtimes after a git
                 # checkout or a pip install say nothing about staleness.
                 warnings.simplefilter("ignore", RuntimeWarning)
                 self._faidx = pyfaidx.Faidx(str(self.path), indexname=fai, gzi_indexname=gzi,
-                                            as_raw=True, strict_bounds=True, rebuild=not read_only,
+                                            as_raw=True, strict_bounds=True, rebuild=not shipped,
                                             sequence_always_upper=self.fold_case)
         except pyfaidx.FastaIndexingError as err:
             raise ValueError(f"{self.path}: cannot index FASTA: {err} Every line of a record "
