@@ -83,6 +83,8 @@ def test_window_longer_than_every_contig(genome):
     with pytest.raises(ValueError, match=r"window length 5000 is longer than every region; the longest is "
                                          r"chrA:0-1000 \(1000 bp\)"):
         random_windows(contig_intervals(g), 5000, 1, seed=0)
+    with pytest.raises(ValueError, match=r"g.fa: window length 2000 is longer than every region"):
+        tile_windows(contig_intervals(g), 2000, genome=g)
 
 
 def test_split_contig_tiles_without_overlap():

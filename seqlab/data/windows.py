@@ -129,7 +129,8 @@ def split_contig(name: str, length: int, fractions: Mapping[str, float] | Sequen
     return out
 
 
-def _usable(regions: Iterable[Interval], length: int) -> tuple[list[Interval], np.ndarray]:
+def _usable(regions: Iterable[Interval], length: int, genome: Genome | None = None,
+            ) -> tuple[list[Interval], np.ndarray]:
     regions = list(regions)
     if length <= 0:
         raise ValueError(f"window length must be positive, got {length}")
@@ -138,7 +139,8 @@ def _usable(regions: Iterable[Interval], length: int) -> tuple[list[Interval], n
         longest = max(regions, key=len, default=None)
         where = f"the longest is {longest.chrom}:{longest.start}-{longest.end} ({len(longest)} bp)" \
             if longest is not None else "no regions were given"
-        raise ValueError(f"window length {length} is longer than every region; {where}. "
+        src = f"{genome.path}: " if genome is not None else ""
+        raise ValueError(f"{src}window length {length} is longer than every region; {where}. "
                          "Use a shorter window or longer regions")
     starts = np.array([len(r) - length + 1 for r in usable], dtype=np.float64)
     return usable, starts
@@ -154,7 +156,7 @@ def tile_windows(regions: Iterable[Interval], length: int, stride: int | None = 
     stride = length if stride is None else stride
     if stride <= 0:
         raise ValueError(f"tile_windows: stride must be positive, got {stride}")
-    usable, _ = _usable(regions, length)
+    usable, _ = _usable(regions, length, genome)
     out = []
     for r in usable:
         for s in range(r.start, r.end - length + 1, stride):
@@ -175,7 +177,7 @@ def sample_window(regions: Sequence[Interval], length: int, rng: np.random.Gener
     Windows with more than max_n_frac N (needs `genome`) are redrawn; after max_tries
     failures the error names the genome and regions (e.g. an all-N contig).
     """
-    usable, weights = _usable(regions, length)
+    usable, weights = _usable(regions, length, genome)
     p = weights / weights.sum()
     for _ in range(max_tries):
         r = usable[rng.choice(len(usable), p=p)] if len(usable) > 1 else usable[0]
