@@ -1,0 +1,604 @@
+"""Selective scan (S6) in Triton: fused forward and backward with segmented state passing.
+
+Layout and names follow :mod:`seqlab.kernels.reference`: u, delta, z (batch, dim, L) in
+float32/float16/bfloat16 with any strides; A (dim, N) float32; B, C (batch, N, L) or
+(batch, G, N, L); D, delta_bias (dim,) float32. Every load is upcast to float32 at once and
+all arithmetic is float32.
+
+Structure (KERNEL_BRIEF "Kernel designs" 1 and 3). A program owns BD channels of one sequence
+and one segment of T scan steps; its state (BD, N) lives in registers.
+
+forward
+    1. ``_fwd_kernel`` (WRITE_OUT=False): each segment's end state from h = 0 and its sum of
+       Δ (the segment's decay is exp(A ΣΔ)).  Skipped when there is one segment.
+    2. ``_combine_kernel``: a short sequential scan over segments giving each segment's start
+       state; ``initial_state`` enters here.  These start states are all the backward keeps.
+    3. ``_fwd_kernel`` (WRITE_OUT=True): rerun each segment from its start state, write out and
+       the final state of the last segment (``last_state``).
+backward
+    1. ``_bwd_local_kernel``: each segment's adjoint at its start from a zero adjoint at its
+       end (needs no h).  Skipped when there is one segment.
+    2. ``_combine_kernel`` run backwards over segments: the adjoint entering each segment's end;
+       ``∂last_state`` enters here.
+    3. ``_bwd_kernel``: per segment, sweep forward storing the state at every K-step sub-chunk
+       start in a per-program scratch slot, then for each sub-chunk from the last: recompute h
+       over its K steps into scratch (and ∂z, which needs the pre-gate y) and run the adjoint
+       backwards over them.  ∂B, ∂C are reduced over the BD channels in registers and written
+       as float32 partials (batch, dim/BD, N, L), summed afterwards: deterministic, no atomics.
+       The grid is persistent so each scratch slot has a single owner (and stays in L2).
+
+Scan order: step k = 0..len-1 of a sequence reads position t = bos + k, or t = bos + len-1-k
+with ``reverse``: no flipped copies.  Padded steps (k >= len) get Δ = 0, so Ā = 1 and ΔBu = 0,
+and the carried state passes through untouched.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+LOG2E = 1.4426950408889634
+SUB_K = 32  # sub-chunk length of the backward's recompute (multiple of every segment length)
+# Tests set this to fill every output buffer with NaN before the kernels write it, so an element
+# a kernel forgets to write cannot pass as a plausible value.
+POISON = False
+
+
+def _empty(*shape, dtype, device):
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON else t
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _delta_of(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Δ from raw delta (float32): + bias, then softplus with passthrough above 20."""
+    x = raw
+    if HAS_BIAS:
+        x = x + bias
+    if SOFTPLUS:
+        x = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    return x
+
+
+@triton.jit
+def _seq_bounds(cu_ptr, i, L, VARLEN: tl.constexpr):
+    """(row of the batch axis, first position, length) of sequence i, all int64."""
+    if VARLEN:
+        bos = tl.load(cu_ptr + i).to(tl.int64)
+        seqlen = tl.load(cu_ptr + i + 1).to(tl.int64) - bos
+        row = i * 0
+    else:
+        bos = i * 0
+        seqlen = L + i * 0
+        row = i
+    return row, bos, seqlen
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr,
+    out_ptr, start_ptr, hend_ptr, dsum_ptr, last_ptr,
+    L, dim, N, dpg, S,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sst_i, sst_s, sst_d, sst_n,
+    T: tl.constexpr, HAS_START: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr, WRITE_OUT: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    s = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(2).to(tl.int64)
+    row, bos, seqlen = _seq_bounds(cu_ptr, i, L, VARLEN)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    dmask = offs_d < dim
+    nmask = offs_n < N
+    tmask = dmask[:, None] & nmask[None, :]
+    grp = (pid_d * BD) // dpg
+    A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0)
+    else:
+        bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=dmask, other=0.0)
+    u_base = u_ptr + row * su_b + offs_d.to(tl.int64) * su_d
+    dt_base = dt_ptr + row * sdt_b + offs_d.to(tl.int64) * sdt_d
+    z_base = z_ptr + row * sz_b + offs_d.to(tl.int64) * sz_d
+    o_base = out_ptr + row * so_b + offs_d.to(tl.int64) * so_d
+    B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
+    C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
+    st_offs = offs_d[:, None] * sst_d + offs_n[None, :] * sst_n
+    if HAS_START:
+        h = tl.load(start_ptr + i * sst_i + s * sst_s + st_offs, mask=tmask, other=0.0)
+    else:
+        h = tl.zeros([BD, NP], dtype=tl.float32)
+    dsum = tl.zeros([BD], dtype=tl.float32)
+    k0 = s * T
+    for kk in range(T):
+        k = k0 + kk
+        valid = k < seqlen
+        if REVERSE:
+            t = bos + seqlen - 1 - k
+        else:
+            t = bos + k
+        md = dmask & valid
+        mn = nmask & valid
+        u = tl.load(u_base + t * su_l, mask=md, other=0.0).to(tl.float32)
+        raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
+        delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
+        Bt = tl.load(B_base + t * sB_l, mask=mn, other=0.0).to(tl.float32)
+        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+        if WRITE_OUT:
+            Ct = tl.load(C_base + t * sC_l, mask=mn, other=0.0).to(tl.float32)
+            y = tl.sum(h * Ct[None, :], axis=1)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                zt = tl.load(z_base + t * sz_l, mask=md, other=0.0).to(tl.float32)
+                y = y * zt * tl.sigmoid(zt)
+            tl.store(o_base + t * so_l, y.to(out_ptr.dtype.element_ty), mask=md)
+        else:
+            dsum += delta
+    # hend / dsum / last are contiguous float32: (nseq, S, dim, N), (nseq, S, dim), (nseq, dim, N)
+    if WRITE_OUT:
+        if s == S - 1:
+            tl.store(last_ptr + i * dim * N + offs_d[:, None] * N + offs_n[None, :], h,
+                     mask=tmask)
+    else:
+        tl.store(hend_ptr + (i * S + s) * dim * N + offs_d[:, None] * N + offs_n[None, :], h,
+                 mask=tmask)
+        tl.store(dsum_ptr + (i * S + s) * dim + offs_d, dsum, mask=dmask)
+
+
+@triton.jit
+def _combine_kernel(loc_ptr, dsum_ptr, A2_ptr, init_ptr, carry_ptr, final_ptr, S, DN, N,
+                    HAS_INIT: tl.constexpr, BACKWARD: tl.constexpr, BLK: tl.constexpr):
+    """Scan over segments: c <- exp(A ΣΔ_s) c + loc_s, storing c before each segment.
+
+    Forward (BACKWARD=False) c is the state entering segment s; backward it is the adjoint
+    entering segment s from its end.  loc/carry (nseq, S, dim, N), dsum (nseq, S, dim),
+    init/final (nseq, dim, N); all contiguous float32.
+    """
+    i = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLK + tl.arange(0, BLK)
+    m = offs < DN
+    a2 = tl.load(A2_ptr + offs, mask=m, other=0.0)
+    if HAS_INIT:
+        c = tl.load(init_ptr + i * DN + offs, mask=m, other=0.0)
+    else:
+        c = tl.zeros([BLK], dtype=tl.float32)
+    for j in range(S):
+        if BACKWARD:
+            s = S - 1 - j
+        else:
+            s = j
+        base = (i * S + s) * DN
+        tl.store(carry_ptr + base + offs, c, mask=m)
+        ds = tl.load(dsum_ptr + (i * S + s) * (DN // N) + offs // N, mask=m, other=0.0)
+        c = tl.exp2(a2 * ds) * c + tl.load(loc_ptr + base + offs, mask=m, other=0.0)
+    tl.store(final_ptr + i * DN + offs, c, mask=m)
+
+
+@triton.jit
+def _bwd_local_kernel(
+    g_ptr, dt_ptr, z_ptr, C_ptr, A2_ptr, bias_ptr, cu_ptr, muloc_ptr,
+    L, dim, N, dpg, S,
+    sg_b, sg_d, sg_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sC_b, sC_g, sC_n, sC_l,
+    T: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+):
+    """Adjoint at each segment's start (∂L/∂h just before it) from a zero adjoint at its end."""
+    pid_d = tl.program_id(0)
+    s = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(2).to(tl.int64)
+    row, bos, seqlen = _seq_bounds(cu_ptr, i, L, VARLEN)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    dmask = offs_d < dim
+    nmask = offs_n < N
+    tmask = dmask[:, None] & nmask[None, :]
+    grp = (pid_d * BD) // dpg
+    A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0)
+    else:
+        bias = tl.zeros([BD], dtype=tl.float32)
+    g_base = g_ptr + row * sg_b + offs_d.to(tl.int64) * sg_d
+    dt_base = dt_ptr + row * sdt_b + offs_d.to(tl.int64) * sdt_d
+    z_base = z_ptr + row * sz_b + offs_d.to(tl.int64) * sz_d
+    C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
+    mu = tl.zeros([BD, NP], dtype=tl.float32)
+    k0 = s * T
+    for kk in range(T):
+        k = k0 + T - 1 - kk
+        valid = k < seqlen
+        if REVERSE:
+            t = bos + seqlen - 1 - k
+        else:
+            t = bos + k
+        md = dmask & valid
+        mn = nmask & valid
+        gy = tl.load(g_base + t * sg_l, mask=md, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_base + t * sz_l, mask=md, other=0.0).to(tl.float32)
+            gy = gy * zt * tl.sigmoid(zt)
+        raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
+        delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
+        Ct = tl.load(C_base + t * sC_l, mask=mn, other=0.0).to(tl.float32)
+        lam = gy[:, None] * Ct[None, :] + mu
+        mu = tl.exp2(delta[:, None] * A2) * lam
+    tl.store(muloc_ptr + (i * S + s) * dim * N + offs_d[:, None] * N + offs_n[None, :], mu,
+             mask=tmask)
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr, g_ptr,
+    start_ptr, muend_ptr, scratch_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dinit_ptr,
+    L, dim, N, dpg, S, n_work, ndb,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    sst_i, sst_s, sst_d, sst_n, smu_i, smu_s, smu_d, smu_n,
+    T: tl.constexpr, K: tl.constexpr, HAS_START: tl.constexpr, HAS_MU: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+):
+    """Gradients of one segment per work item; persistent grid (one scratch slot per program).
+
+    du, ddt, dz: (batch, dim, L) contiguous in the input dtypes; dBp, dCp: (batch, dim/BD, N, L)
+    float32 partials; dAp (nseq, S, dim, N), dDp and dbp (nseq, S, dim) float32 partials;
+    dinit (nseq, dim, N) float32.  scratch: (programs, T/K + K, BD, NP) float32.
+    """
+    NSUB: tl.constexpr = T // K
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_bd = tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    nmask = offs_n < N
+    tile = offs_bd[:, None] * NP + offs_n[None, :]
+    sw_base = scratch_ptr + pid.to(tl.int64) * ((NSUB + K) * BD * NP)
+    hs_base = sw_base + NSUB * BD * NP
+    for w in range(pid, n_work, nprog):
+        pid_d = w % ndb
+        s = ((w // ndb) % S).to(tl.int64)
+        i = (w // (ndb * S)).to(tl.int64)
+        row, bos, seqlen = _seq_bounds(cu_ptr, i, L, VARLEN)
+        offs_d = pid_d * BD + offs_bd
+        dmask = offs_d < dim
+        tmask = dmask[:, None] & nmask[None, :]
+        grp = (pid_d * BD) // dpg
+        A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
+        Af = A2 * 0.6931471805599453  # back to A for ∂Δ = Σ A · ∂(ΔA)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0)
+        else:
+            bias = tl.zeros([BD], dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=dmask, other=0.0)
+        else:
+            Dv = tl.zeros([BD], dtype=tl.float32)
+        od = offs_d.to(tl.int64)
+        u_base = u_ptr + row * su_b + od * su_d
+        dt_base = dt_ptr + row * sdt_b + od * sdt_d
+        z_base = z_ptr + row * sz_b + od * sz_d
+        g_base = g_ptr + row * sg_b + od * sg_d
+        # gradient outputs are contiguous (batch, dim, L)
+        o_base = row * dim * L + od * L
+        B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
+        C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
+        p_base = (row * ndb + pid_d) * N * L + offs_n.to(tl.int64) * L
+        if HAS_START:
+            h = tl.load(start_ptr + i * sst_i + s * sst_s + offs_d[:, None] * sst_d
+                        + offs_n[None, :] * sst_n, mask=tmask, other=0.0)
+        else:
+            h = tl.zeros([BD, NP], dtype=tl.float32)
+        k0 = s * T
+        # sweep: the state at each sub-chunk start
+        for j in range(NSUB):
+            tl.store(sw_base + j * BD * NP + tile, h)
+            for kk in range(K):
+                k = k0 + j * K + kk
+                valid = k < seqlen
+                if REVERSE:
+                    t = bos + seqlen - 1 - k
+                else:
+                    t = bos + k
+                md = dmask & valid
+                u = tl.load(u_base + t * su_l, mask=md, other=0.0).to(tl.float32)
+                raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
+                delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
+                Bt = tl.load(B_base + t * sB_l, mask=nmask & valid, other=0.0).to(tl.float32)
+                h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+        tl.debug_barrier()
+        if HAS_MU:
+            mu = tl.load(muend_ptr + i * smu_i + s * smu_s + offs_d[:, None] * smu_d
+                         + offs_n[None, :] * smu_n, mask=tmask, other=0.0)
+        else:
+            mu = tl.zeros([BD, NP], dtype=tl.float32)
+        dA_acc = tl.zeros([BD, NP], dtype=tl.float32)
+        dD_acc = tl.zeros([BD], dtype=tl.float32)
+        db_acc = tl.zeros([BD], dtype=tl.float32)
+        for jj in range(NSUB):
+            j = NSUB - 1 - jj
+            h = tl.load(sw_base + j * BD * NP + tile)
+            # recompute h over the sub-chunk into scratch; ∂z needs the pre-gate y
+            for kk in range(K):
+                k = k0 + j * K + kk
+                valid = k < seqlen
+                if REVERSE:
+                    t = bos + seqlen - 1 - k
+                else:
+                    t = bos + k
+                md = dmask & valid
+                mn = nmask & valid
+                u = tl.load(u_base + t * su_l, mask=md, other=0.0).to(tl.float32)
+                raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
+                delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
+                Bt = tl.load(B_base + t * sB_l, mask=mn, other=0.0).to(tl.float32)
+                h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+                tl.store(hs_base + kk * BD * NP + tile, h)
+                if HAS_Z:
+                    Ct = tl.load(C_base + t * sC_l, mask=mn, other=0.0).to(tl.float32)
+                    y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
+                    gt = tl.load(g_base + t * sg_l, mask=md, other=0.0).to(tl.float32)
+                    zt = tl.load(z_base + t * sz_l, mask=md, other=0.0).to(tl.float32)
+                    sz = tl.sigmoid(zt)
+                    dz = gt * y * sz * (1.0 + zt * (1.0 - sz))
+                    tl.store(dz_ptr + o_base + t, dz.to(dz_ptr.dtype.element_ty), mask=md)
+            tl.debug_barrier()
+            # adjoint backwards over the sub-chunk
+            for kk2 in range(K):
+                kk = K - 1 - kk2
+                k = k0 + j * K + kk
+                valid = k < seqlen
+                if REVERSE:
+                    t = bos + seqlen - 1 - k
+                else:
+                    t = bos + k
+                md = dmask & valid
+                mn = nmask & valid
+                u = tl.load(u_base + t * su_l, mask=md, other=0.0).to(tl.float32)
+                raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
+                pre = raw
+                if HAS_BIAS:
+                    pre = raw + bias
+                delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
+                Bt = tl.load(B_base + t * sB_l, mask=mn, other=0.0).to(tl.float32)
+                Ct = tl.load(C_base + t * sC_l, mask=mn, other=0.0).to(tl.float32)
+                gy = tl.load(g_base + t * sg_l, mask=md, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zt = tl.load(z_base + t * sz_l, mask=md, other=0.0).to(tl.float32)
+                    gy = gy * zt * tl.sigmoid(zt)
+                h = tl.load(hs_base + kk * BD * NP + tile)
+                lam = gy[:, None] * Ct[None, :] + mu
+                dbu = (delta * u)[:, None] * Bt[None, :]
+                gexp = lam * (h - dbu)  # λ_t Ā_t h_{t-1}: the gradient of the exponent Δ A
+                dA_acc += delta[:, None] * gexp
+                lb = lam * Bt[None, :]
+                ddelta = tl.sum(lb, axis=1) * u + tl.sum(Af * gexp, axis=1)
+                if SOFTPLUS:
+                    ddelta = ddelta * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre))
+                ddelta = tl.where(md, ddelta, 0.0)
+                db_acc += ddelta
+                du = tl.sum(lb, axis=1) * delta + gy * Dv
+                dD_acc += gy * u
+                tl.store(du_ptr + o_base + t, du.to(du_ptr.dtype.element_ty), mask=md)
+                tl.store(ddt_ptr + o_base + t, ddelta.to(ddt_ptr.dtype.element_ty), mask=md)
+                dBt = tl.sum(lam * (delta * u)[:, None], axis=0)
+                dCt = tl.sum(gy[:, None] * h, axis=0)
+                tl.store(dBp_ptr + p_base + t, dBt, mask=mn)
+                tl.store(dCp_ptr + p_base + t, dCt, mask=mn)
+                mu = tl.exp2(delta[:, None] * A2) * lam
+            tl.debug_barrier()
+        pofs = (i * S + s) * dim
+        tl.store(dAp_ptr + pofs * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=tmask)
+        tl.store(dDp_ptr + pofs + offs_d, dD_acc, mask=dmask)
+        tl.store(dbp_ptr + pofs + offs_d, db_acc, mask=dmask)
+        if s == 0:
+            tl.store(dinit_ptr + i * dim * N + offs_d[:, None] * N + offs_n[None, :], mu,
+                     mask=tmask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _pow2_divisor(x: int, cap: int) -> int:
+    """Largest power of two dividing x, at most cap."""
+    p = 1
+    while p < cap and x % (2 * p) == 0:
+        p *= 2
+    return p
+
+
+def _bc_strides(M: Tensor):
+    """Strides (b, g, n, l) of B or C, with a group stride of 0 for the ungrouped (b, N, L)."""
+    if M.dim() == 3:
+        return M.stride(0), 0, M.stride(1), M.stride(2)
+    return M.stride(0), M.stride(1), M.stride(2), M.stride(3)
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+class _Plan:
+    """Launch geometry shared by forward and backward of one call."""
+
+    def __init__(self, u: Tensor, A: Tensor, B: Tensor, cu_seqlens: Tensor | None):
+        batch, dim, L = u.shape
+        self.dim, self.L, self.N = dim, L, A.shape[1]
+        self.NP = triton.next_power_of_2(self.N)
+        self.groups = 1 if B.dim() == 3 else B.shape[1]
+        self.dpg = dim // self.groups
+        # a block of channels must sit in one group (it shares one B_t, C_t)
+        self.BD = _pow2_divisor(self.dpg, 16)
+        self.ndb = dim // self.BD
+        if cu_seqlens is None:
+            self.nseq, self.maxlen = batch, L
+        else:
+            lens = (cu_seqlens[1:] - cu_seqlens[:-1])
+            self.nseq, self.maxlen = lens.numel(), max(int(lens.max()), 1)
+        # Enough segments to give every SM ~16 programs, each at least 64 steps long
+        # (segment passes cost a second exp per element) and at most 1024 (scratch slots).
+        target = 16 * _n_sm(u.device)
+        rows = self.nseq * self.ndb
+        seg = triton.cdiv(self.maxlen, max(1, triton.cdiv(target, rows)))
+        seg = min(max(seg, 64), 1024)
+        if self.maxlen <= 64:
+            seg = self.maxlen
+        self.T = triton.cdiv(seg, SUB_K) * SUB_K
+        self.S = triton.cdiv(self.maxlen, self.T)
+        self.num_warps = 2 if self.BD * self.NP >= 128 else 1
+
+
+def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, reverse, cu):
+    """Returns out (batch, dim, L) in u's dtype, last (nseq, dim, N) fp32, start states or None
+    (nseq, S, dim, N) fp32, dsum or None (nseq, S, dim) fp32."""
+    batch, dim, L = u.shape
+    N, S, nseq = plan.N, plan.S, plan.nseq
+    dev = u.device
+    out = _empty(batch, dim, L, dtype=u.dtype, device=dev)
+    last = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
+    zz = z if z is not None else u
+    dummy = A2
+    common = dict(T=plan.T, HAS_D=D is not None, HAS_Z=z is not None,
+                  HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse,
+                  VARLEN=cu is not None, BD=plan.BD, NP=plan.NP, num_warps=plan.num_warps)
+    grid = (plan.ndb, S, nseq)
+    sB, sC = _bc_strides(B), _bc_strides(C)
+    args_in = (u, delta, zz, B, C, A2, D if D is not None else dummy,
+               delta_bias if delta_bias is not None else dummy,
+               cu if cu is not None else dummy)
+    strides = (*u.stride(), *delta.stride(), *zz.stride(), *out.stride(), *sB, *sC)
+    if S == 1:
+        start, dsum = None, None
+        st = h0 if h0 is not None else dummy
+        sst = (dim * N, 0, N, 1)
+        has_start = h0 is not None
+    else:
+        hend = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
+        dsum = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
+        _fwd_kernel[grid](*args_in, out, dummy, hend, dsum, last, L, dim, N, plan.dpg, S,
+                          *strides, 0, 0, 0, 0, HAS_START=False, WRITE_OUT=False, **common)
+        start = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
+        BLK = 256
+        _combine_kernel[(triton.cdiv(dim * N, BLK), nseq)](
+            hend, dsum, A2, h0 if h0 is not None else dummy, start, last, S, dim * N, N,
+            HAS_INIT=h0 is not None, BACKWARD=False, BLK=BLK)
+        st, sst, has_start = start, start.stride(), True
+    _fwd_kernel[grid](*args_in, out, st, dummy, dummy, last, L, dim, N, plan.dpg, S,
+                      *strides, *sst, HAS_START=has_start, WRITE_OUT=True, **common)
+    return out, last, start, dsum
+
+
+def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softplus, h0,
+              start, dsum, reverse, cu):
+    batch, dim, L = u.shape
+    N, S, nseq, BD, NP = plan.N, plan.S, plan.nseq, plan.BD, plan.NP
+    dev = u.device
+    dummy = A2
+    zz = z if z is not None else u
+    cuv = cu if cu is not None else dummy
+    sB, sC = _bc_strides(B), _bc_strides(C)
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                 REVERSE=reverse, VARLEN=cu is not None, BD=BD, NP=NP,
+                 num_warps=plan.num_warps)
+    biasv = delta_bias if delta_bias is not None else dummy
+    if S == 1:
+        muend, smu, has_mu = (dlast if dlast is not None else dummy), (dim * N, 0, N, 1), \
+            dlast is not None
+        st = h0 if h0 is not None else dummy
+        sst, has_start = (dim * N, 0, N, 1), h0 is not None
+    else:
+        muloc = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
+        _bwd_local_kernel[(plan.ndb, S, nseq)](
+            g, delta, zz, C, A2, biasv, cuv, muloc, L, dim, N, plan.dpg, S,
+            *g.stride(), *delta.stride(), *zz.stride(), *sC, T=plan.T, **flags)
+        muend = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
+        dinit_c = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
+        BLK = 256
+        _combine_kernel[(triton.cdiv(dim * N, BLK), nseq)](
+            muloc, dsum, A2, dlast if dlast is not None else dummy, muend, dinit_c, S,
+            dim * N, N, HAS_INIT=dlast is not None, BACKWARD=True, BLK=BLK)
+        smu, has_mu = muend.stride(), True
+        st, sst, has_start = start, start.stride(), True
+    du = _empty(batch, dim, L, dtype=u.dtype, device=dev)
+    ddelta = _empty(batch, dim, L, dtype=delta.dtype, device=dev)
+    dz = _empty(batch, dim, L, dtype=z.dtype, device=dev) if z is not None else None
+    dBp = _empty(batch, plan.ndb, N, L, dtype=torch.float32, device=dev)
+    dCp = _empty(batch, plan.ndb, N, L, dtype=torch.float32, device=dev)
+    dAp = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
+    dDp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
+    dbp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
+    dinit = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
+    n_work = nseq * S * plan.ndb
+    nprog = min(n_work, 16 * _n_sm(dev))
+    scratch = _empty(nprog, plan.T // SUB_K + SUB_K, BD, NP, dtype=torch.float32,
+                          device=dev)
+    _bwd_kernel[(nprog,)](
+        u, delta, zz, B, C, A2, D if D is not None else dummy, biasv, cuv, g,
+        st, muend, scratch, du, ddelta, dz if dz is not None else du, dBp, dCp, dAp, dDp, dbp,
+        dinit, L, dim, N, plan.dpg, S, n_work, plan.ndb,
+        *u.stride(), *delta.stride(), *zz.stride(), *g.stride(), *sB, *sC, *sst, *smu,
+        T=plan.T, K=SUB_K, HAS_START=has_start, HAS_MU=has_mu, HAS_D=D is not None, **flags)
+    G = plan.groups
+    dB = dBp.view(batch, G, plan.ndb // G, N, L).sum(2)
+    dC = dCp.view(batch, G, plan.ndb // G, N, L).sum(2)
+    if B.dim() == 3:
+        dB = dB[:, 0]
+    if C.dim() == 3:
+        dC = dC[:, 0]
+    dA = dAp.sum((0, 1))
+    dD = dDp.sum((0, 1)) if D is not None else None
+    dbias = dbp.sum((0, 1)) if delta_bias is not None else None
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dinit
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, h0, reverse, cu):
+        plan = _Plan(u, A, B, cu)
+        A2 = (A.float() * LOG2E).contiguous()
+        D = D.float().contiguous() if D is not None else None
+        bias = delta_bias.float().contiguous() if delta_bias is not None else None
+        h0c = h0.float().contiguous() if h0 is not None else None
+        out, last, start, dsum = _forward(plan, u, delta, A2, B, C, D, z, bias, softplus, h0c,
+                                          reverse, cu)
+        ctx.save_for_backward(u, delta, A2, B, C, D, z, bias, h0c, start, dsum, cu)
+        ctx.plan, ctx.softplus, ctx.reverse = plan, softplus, reverse
+        ctx.dtypes = (A.dtype, None if h0 is None else h0.dtype)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, g, dlast):
+        u, delta, A2, B, C, D, z, bias, h0c, start, dsum, cu = ctx.saved_tensors
+        dlast = dlast.float().contiguous() if dlast is not None else None
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _backward(
+            ctx.plan, g, dlast, u, delta, A2, B, C, D, z, bias, ctx.softplus, h0c, start, dsum,
+            ctx.reverse, cu)
+        dh0 = dinit.to(ctx.dtypes[1]) if h0c is not None else None
+        return (du, ddelta, dA.to(ctx.dtypes[0]), dB, dC, dD, dz, dbias, None, dh0, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, initial_state=None, return_last_state=False,
+                          reverse=False, cu_seqlens=None):
+    """Triton selective scan; arguments as :func:`seqlab.kernels.selective_scan` (validated).
+
+    u, delta, z: (batch, dim, L) fp32/fp16/bf16, any strides; B, C: (batch, [G,] N, L) any
+    strides; A (dim, N), D, delta_bias (dim,) float32; initial_state (nseq, dim, N).
+    Returns out (batch, dim, L) in u's dtype, and last_state (nseq, dim, N) float32 when
+    ``return_last_state``; gradients flow to every tensor input and back from last_state.
+    """
+    if u.shape[-1] == 0:
+        raise ValueError("selective_scan_triton: length 0 is not supported")
+    out, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                       initial_state, bool(reverse), cu_seqlens)
+    return (out, last) if return_last_state else out

@@ -1,0 +1,183 @@
+"""Triton selective scan and decode step against the float64 sequential reference.
+
+On a machine without CUDA these run under TRITON_INTERPRET=1 (set by conftest.py) on tiny
+shapes; the GPU tier (larger shapes) runs only where CUDA is available.  Every case draws fresh
+random inputs, rounds them to the tested dtype, and gives the reference the same rounded values
+upcast to float64, so the tolerance only covers the kernel's float32 arithmetic and the rounding
+of its outputs.  Output buffers are filled with NaN before the kernels run (scan_triton.POISON).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqlab.kernels import scan_triton
+from seqlab.kernels.api import selective_scan, selective_state_update
+from seqlab.kernels.reference import selective_scan_reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# relative L2 error allowed per dtype: float32 arithmetic; bf16/fp16 outputs rounded once
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(scan_triton, "POISON", True)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (unwritten or NaN) in the kernel's output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_case(batch, dim, length, N, dtype, groups=None, D=True, z=True, bias=True, h0=True,
+              cu=None, channels_last=False, seed=None):
+    """Random inputs on DEV: a dict of tensors in the tested dtypes (fp32 for A, D, bias, h0)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    def io(x):
+        return x.to(DEV, dtype)
+
+    nseq = batch if cu is None else len(cu) - 1
+    bc_shape = (batch, N, length) if groups is None else (batch, groups, N, length)
+    if channels_last:
+        # views of (batch, L, dim) tensors, as a Linear layer produces them: stride 1 on dim
+        u, delta, zz = (io(rnd(batch, length, dim, scale=s)).transpose(1, 2)
+                        for s in (1.0, 0.5, 1.0))
+    else:
+        u, delta, zz = io(rnd(batch, dim, length)), io(rnd(batch, dim, length, scale=0.5)), \
+            io(rnd(batch, dim, length))
+    case = dict(
+        u=u, delta=delta,
+        A=(-torch.rand(dim, N, generator=g) * 2 - 0.05).to(DEV),
+        B=io(rnd(*bc_shape)), C=io(rnd(*bc_shape)),
+        D=rnd(dim).to(DEV) if D else None,
+        z=zz if z else None,
+        delta_bias=rnd(dim, scale=0.3).to(DEV) if bias else None,
+        initial_state=rnd(nseq, dim, N).to(DEV) if h0 else None,
+    )
+    return case, nseq
+
+
+def check(case, nseq, dtype, softplus=True, reverse=False, cu=None):
+    """Triton vs reference: out, last_state and the gradient of every tensor input."""
+    cut = None if cu is None else torch.tensor(cu, device=DEV)
+    names = [k for k in NAMES if case[k] is not None]
+    tri = {k: case[k].detach().clone().requires_grad_(True) for k in names}
+    ref = {k: case[k].detach().double().requires_grad_(True) for k in names}
+    kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse, cu_seqlens=cut)
+    out, last = selective_scan(**{**case, **tri}, **kw, impl="triton")
+    assert out.dtype == case["u"].dtype and out.shape == case["u"].shape
+    assert last.dtype == torch.float32 and last.shape == (nseq, *case["A"].shape)
+    rout, rlast = selective_scan_reference(**{**case, **ref}, **kw)
+    gout = torch.randn(out.shape, device=DEV).to(out.dtype)
+    glast = torch.randn(last.shape, device=DEV)
+    grads = torch.autograd.grad((out.double() * gout.double()).sum()
+                                + (last.double() * glast.double()).sum(), list(tri.values()))
+    rgrads = torch.autograd.grad((rout * gout.double()).sum() + (rlast * glast.double()).sum(),
+                                 list(ref.values()))
+    tol = TOL[dtype]
+    errs = {"out": rel_err(out, rout), "last_state": rel_err(last, rlast)}
+    for k, gt, gr in zip(names, grads, rgrads):
+        assert gt.dtype == case[k].dtype, k
+        errs["d" + k] = rel_err(gt, gr)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"errors over {tol}: {bad} (all: {errs})"
+
+
+# Each case is chosen to cover several options at once: the interpreter is slow.
+# Lengths: 40 fits one segment; 150 gives 3 segments (64, 64, 22) and ragged backward sub-chunks.
+CASES = [
+    pytest.param(dict(batch=2, dim=8, length=40, N=4, dtype=torch.float32), {},
+                 id="B2-D8-L40-N4-fp32-all-options"),
+    pytest.param(dict(batch=1, dim=8, length=150, N=16, dtype=torch.float32, groups=2),
+                 dict(reverse=True), id="B1-D8-L150-N16-fp32-groups-reverse-segments"),
+    pytest.param(dict(batch=1, dim=4, length=100, N=3, dtype=torch.float32,
+                      cu=[0, 1, 80, 80, 100]), {},
+                 id="varlen-len1-len0-N3-fp32-segments"),
+    pytest.param(dict(batch=1, dim=4, length=50, N=4, dtype=torch.float32, h0=False,
+                      cu=[0, 20, 21, 50]), dict(reverse=True),
+                 id="varlen-reverse-no-h0-fp32"),
+    pytest.param(dict(batch=1, dim=8, length=70, N=16, dtype=torch.bfloat16,
+                      channels_last=True, groups=2), {},
+                 id="B1-D8-L70-N16-bf16-channels-last-groups"),
+    pytest.param(dict(batch=2, dim=6, length=1, N=1, dtype=torch.float16, D=False, z=False,
+                      bias=False, h0=False), dict(softplus=False),
+                 id="B2-D6-L1-N1-fp16-bare"),
+]
+
+
+@pytest.mark.parametrize("spec,opts", CASES)
+def test_scan_matches_reference(spec, opts):
+    spec = dict(spec)
+    dtype = spec["dtype"]
+    case, nseq = make_case(**spec)
+    check(case, nseq, dtype, cu=spec.get("cu"), **opts)
+
+
+def test_padded_segment_tail_keeps_state():
+    """Output of a 3-segment scan equals the reference's when L is not a segment multiple, also
+    through the forward-only path (no gradients) with return_last_state off."""
+    case, _ = make_case(1, 4, 130, 4, torch.float32, h0=False)
+    out = selective_scan(**case, delta_softplus=True, impl="triton")
+    ref = selective_scan_reference(**{k: v.double() if v is not None else None
+                                      for k, v in case.items()}, delta_softplus=True)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype,groups", [(torch.float32, None), (torch.bfloat16, 2)])
+def test_decode_step_equals_one_scan_position(dtype, groups):
+    """selective_state_update from state h equals scan position 0 started from h."""
+    batch, dim, N = 2, 8, 4
+    case, _ = make_case(batch, dim, 1, N, dtype, groups=groups)
+    state = case["initial_state"].clone()
+    y = selective_state_update(state, case["u"][..., 0], case["delta"][..., 0], case["A"],
+                               case["B"][..., 0], case["C"][..., 0], case["D"],
+                               case["z"][..., 0], case["delta_bias"], True, impl="triton")
+    dcase = {k: v.double() for k, v in case.items()}
+    ref_out, ref_last = selective_scan_reference(**dcase, delta_softplus=True,
+                                                 return_last_state=True)
+    assert y.dtype == dtype and y.shape == (batch, dim)
+    assert rel_err(y, ref_out[..., 0]) < TOL[dtype]
+    assert rel_err(state, ref_last) < TOL[torch.float32]
+
+
+# --------------------------------------------------------------------------- GPU tier
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_long_sequences(dtype):
+    case, nseq = make_case(2, 256, 4096, 16, dtype)
+    check(case, nseq, dtype)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_varlen_reverse_groups_channels_last():
+    cu = [0, 1, 1000, 3001, 4096]
+    case, nseq = make_case(1, 256, 4096, 16, torch.bfloat16, groups=4, cu=cu,
+                           channels_last=True)
+    check(case, nseq, torch.bfloat16, reverse=True, cu=cu)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_decode_step_batch64():
+    batch, dim, N = 64, 2048, 16
+    case, _ = make_case(batch, dim, 1, N, torch.bfloat16)
+    state = case["initial_state"].clone()
+    y = selective_state_update(state, case["u"][..., 0], case["delta"][..., 0], case["A"],
+                               case["B"][..., 0], case["C"][..., 0], case["D"],
+                               case["z"][..., 0], case["delta_bias"], True, impl="triton")
+    ref_out, ref_last = selective_scan_reference(**{k: v.double() for k, v in case.items()},
+                                                 delta_softplus=True, return_last_state=True)
+    assert rel_err(y, ref_out[..., 0]) < TOL[torch.bfloat16]
+    assert rel_err(state, ref_last) < TOL[torch.float32]
