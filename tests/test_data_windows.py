@@ -9,7 +9,7 @@ from seqlab.data.alphabet import PAD_ID
 from seqlab.data.collate import Batch, pack_collate, pad_collate
 from seqlab.data.genome import Genome
 from seqlab.data.species import SpeciesManifest, SpeciesWindowDataset, species_eval_windows
-from seqlab.data.windows import (Interval, Window, contig_intervals, n_fraction, random_windows,
+from seqlab.data.windows import (Interval, contig_intervals, n_fraction, random_windows,
                                  read_bed, sample_window, split_contig, tile_windows)
 
 BUNDLE = Path(__file__).resolve().parents[1] / "datasets" / "bacteria" / "manifest.yaml"
