@@ -288,3 +288,19 @@ def test_masked_lm_trains_one_step(rng_seed):
 def test_pool_factors_not_implemented():
     with pytest.raises(NotImplementedError, match="pool_factors"):
         Backbone(tiny(pool_factors=[4]))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "first", "last"])
+def test_classifier_pooling_ignores_padding(rng_seed, pooling):
+    clf = SequenceClassifier(tiny(bidirectional=True), num_classes=4, pooling=pooling)
+    ids = torch.randint(0, 256, (3, 9))
+    lengths = torch.tensor([9, 3, 6])
+    ids[1, 3:] = 256
+    ids[2, 6:] = 256
+    with torch.no_grad():
+        logits = clf(ids, lengths)
+        emb = clf.embed(ids, lengths)
+        assert logits.shape == (3, 4) and emb.shape == (3, 16)
+        for b, n in enumerate(lengths.tolist()):
+            close(logits[b], clf(ids[b:b + 1, :n])[0])
+            close(emb[b], clf.embed(ids[b:b + 1, :n])[0])

@@ -108,11 +108,13 @@ class Backbone(nn.Module):
         self.config = config
         if config.rc_equivariant:
             self.embedding = RCEmbedding(config.padded_vocab_size, config.d_model, device, dtype)
-            self.norm_f = RCWrapper(make_norm(config, config.d_model // 2, device, dtype))
         else:
             self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
-            self.norm_f = make_norm(config, config.d_model, device, dtype)
         self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layer))
+        if config.rc_equivariant:
+            self.norm_f = RCWrapper(make_norm(config, config.d_model // 2, device, dtype))
+        else:
+            self.norm_f = make_norm(config, config.d_model, device, dtype)
         init_weights(self, config.n_layer)
 
     def forward(self, ids: Tensor, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
