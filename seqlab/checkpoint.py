@@ -45,9 +45,17 @@ ARCHITECTURES = ("MambaLM", "SequenceClassifier", "MaskedLM", "Backbone")
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
-# Constructor keyword arguments of each head, read back from the model's attributes of the
-# same name so that load_model can rebuild it.
-_HEAD_KWARGS = {"SequenceClassifier": ("num_classes", "pooling", "conjoin_rc")}
+
+
+def _classifier_kwargs(model) -> dict:
+    head = model.head
+    return {"num_classes": head.proj.out_features, "pooling": head.pooling,
+            "conjoin_rc": bool(model.conjoin), "dropout": float(head.dropout.p)}
+
+
+# Constructor keyword arguments of each head, read back from the module so that load_model
+# can rebuild it.
+_HEAD_KWARGS = {"SequenceClassifier": _classifier_kwargs}
 
 # The Mamba-1 mixer's tensors, named as in mamba_ssm (and in seqlab and transformers).
 _MIXER_TENSORS = (r"in_proj\.weight|in_proj\.bias|conv1d\.weight|conv1d\.bias|x_proj\.weight|"
@@ -76,11 +84,13 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike, config: Mam
         raise ValueError(f"save_model({directory}): the config passed differs from model.config; "
                          "pass the MambaConfig the model was built from")
     head = {}
-    for name in _HEAD_KWARGS.get(architecture, ()):
-        if not hasattr(model, name):
-            raise AttributeError(f"save_model({directory}): {architecture} has no attribute "
-                                 f"{name!r}, needed to rebuild it on load")
-        head[name] = getattr(model, name)
+    if architecture in _HEAD_KWARGS:
+        try:
+            head = _HEAD_KWARGS[architecture](model)
+        except AttributeError as err:
+            raise AttributeError(f"save_model({directory}): cannot read the {architecture}'s "
+                                 f"constructor arguments back from the module ({err}); "
+                                 "seqlab.checkpoint._HEAD_KWARGS needs updating") from err
     extra = dict(extra or {})
     try:
         json.dumps(extra)
@@ -347,6 +357,10 @@ def _load_caduceus(directory: Path, meta: dict) -> torch.nn.Module:
     if not bidirectional:  # a one-direction Caduceus is a plain Mamba stack
         state = {k.replace(".mixer.mamba_fwd.", ".mixer."): v for k, v in state.items()}
     if masked_lm:
+        if not bidirectional:
+            raise NotImplementedError(f"{where}: bidirectional=false; seqlab's MaskedLM is "
+                                      "bidirectional only, so this Caduceus masked LM has no "
+                                      "seqlab counterpart")
         return _finish_lm(state, config, directory, head_key="lm_head.weight",
                           architecture="MaskedLM")
     if "lm_head.weight" in state:

@@ -71,9 +71,11 @@ def test_mamba_lm_round_trip_identical_logits(tmp_path, rng_seed):
         assert torch.equal(load_pretrained(tmp_path / "ck")(x), model(x))
 
 
-def test_bidirectional_classifier_round_trip(tmp_path, rng_seed):
-    config = tiny(bidirectional=True)
-    model = perturb(SequenceClassifier(config, num_classes=3, pooling="mean", conjoin_rc=False),
+@pytest.mark.parametrize("rc", [False, True], ids=["bi", "bi-rc-conjoin"])
+def test_bidirectional_classifier_round_trip(tmp_path, rng_seed, rc):
+    # RC needs the byte vocabulary: the complement table indexes ord("t") = 116.
+    config = tiny(bidirectional=True, rc_equivariant=rc, vocab_size=260 if rc else 60)
+    model = perturb(SequenceClassifier(config, num_classes=3, pooling="max", conjoin_rc=rc),
                     rng_seed)
     x = ids()
     save_model(model, tmp_path / "cls", config)
@@ -82,7 +84,8 @@ def test_bidirectional_classifier_round_trip(tmp_path, rng_seed):
     assert not rev_in, f"tied reverse projections stored twice: {rev_in}"
 
     loaded, info = load_model(tmp_path / "cls")
-    assert type(loaded) is SequenceClassifier and info["head"]["num_classes"] == 3
+    assert type(loaded) is SequenceClassifier
+    assert info["head"] == {"num_classes": 3, "pooling": "max", "conjoin_rc": rc, "dropout": 0.0}
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
