@@ -46,7 +46,8 @@ def positions_in_segments(cu_seqlens: Tensor, length: int) -> tuple[Tensor, Tens
     """For packed sequences: (offset from own start, offset to own last token), each (length,) long."""
     cs = cu_seqlens.to(torch.long)
     seg_len = cs[1:] - cs[:-1]
-    seg_id = torch.repeat_interleave(torch.arange(seg_len.numel(), device=cs.device), seg_len)
+    seg_id = torch.repeat_interleave(torch.arange(seg_len.numel(), device=cs.device), seg_len,
+                                     output_size=length)  # no host sync on CUDA
     t = torch.arange(length, device=cs.device)
     from_start = t - cs[:-1][seg_id]
     to_end = cs[1:][seg_id] - 1 - t

@@ -49,7 +49,8 @@ def reverse_index(length: int, lengths: Tensor | None = None, cu_seqlens: Tensor
     t = torch.arange(length, device=device)
     if cu_seqlens is not None:
         cs = cu_seqlens.to(device=device, dtype=torch.long)
-        seg = torch.repeat_interleave(torch.arange(cs.numel() - 1, device=device), cs[1:] - cs[:-1])
+        seg = torch.repeat_interleave(torch.arange(cs.numel() - 1, device=device), cs[1:] - cs[:-1],
+                                      output_size=length)
         return (cs[:-1][seg] + cs[1:][seg] - 1 - t)[None].expand(batch, length)
     if lengths is None:
         return (length - 1 - t)[None].expand(batch, length)
