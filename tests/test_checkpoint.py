@@ -20,7 +20,7 @@ from seqlab.model.config import MambaConfig
 model_lib = pytest.importorskip("seqlab.model", reason="the model layer has not landed")
 if not hasattr(model_lib, "MambaLM"):
     pytest.skip("seqlab.model does not export MambaLM yet", allow_module_level=True)
-from seqlab.model import MaskedLM, MambaLM, SequenceClassifier  # noqa: E402
+from seqlab.model import Backbone, MaskedLM, MambaLM, SequenceClassifier  # noqa: E402
 
 HF_VOCAB = 64
 
@@ -288,6 +288,22 @@ def test_caduceus_bidirectional_masked_lm(tmp_path, rng_seed):
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
+def test_caduceus_bare_backbone(tmp_path, rng_seed):
+    config = tiny(bidirectional=True, tie_bidirectional_projections=False,
+                  bidirectional_strategy="mul")
+    reference = perturb(Backbone(config), rng_seed)
+    state = {k.replace("embedding.", "embeddings.word_embeddings."): v.clone()
+             for k, v in reference.state_dict().items()}
+    save_file({f"backbone.{k}": v for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(caduceus_config(
+        bidirectional_weight_tie=False, bidirectional_strategy="ew_multiply")))
+    model = load_pretrained(tmp_path)
+    assert type(model) is Backbone
+    x = ids(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
 def test_caduceus_rcps_is_refused_naming_keys(tmp_path):
     state = {"caduceus.backbone.embeddings.word_embeddings.embedding.weight": torch.zeros(64, 32),
              "caduceus.backbone.layers.0.mixer.submodule.mamba_fwd.A_log": torch.zeros(64, 8)}
@@ -295,3 +311,22 @@ def test_caduceus_rcps_is_refused_naming_keys(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(caduceus_config(rcps=True)))
     with pytest.raises(NotImplementedError, match=r"mixer\.submodule\.mamba_fwd\.A_log"):
         load_pretrained(tmp_path)
+
+
+def test_transformers_untied_sharded_bfloat16(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=HF_VOCAB,
+                                      state_size=8, use_conv_bias=False, use_bias=True,
+                                      tie_word_embeddings=False)
+    hf = perturb(transformers.MambaForCausalLM(config), seed=99)
+    assert not torch.equal(hf.lm_head.weight, hf.backbone.embeddings.weight)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = load_pretrained(tmp_path)
+    assert model.lm_head.weight.data_ptr() != model.backbone.embedding.weight.data_ptr()
+    x = ids(vocab=HF_VOCAB, seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf_logits(hf, x), rtol=1e-4, atol=1e-4)
+    half = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
