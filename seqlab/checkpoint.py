@@ -261,8 +261,7 @@ _HF_IGNORED = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
     "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
     "rescale_prenorm_residual", "use_mambapy", "use_associative_scan", "intermediate_size",
-    "output_hidden_states", "output_attentions", "return_dict", "layer_types", "n_layer",
-    "hidden_act",
+    "output_hidden_states", "output_attentions", "return_dict", "layer_types", "hidden_act",
 }
 
 
@@ -363,9 +362,6 @@ def _load_caduceus(directory: Path, meta: dict) -> torch.nn.Module:
                                       "seqlab counterpart")
         return _finish_lm(state, config, directory, head_key="lm_head.weight",
                           architecture="MaskedLM")
-    if "lm_head.weight" in state:
-        raise KeyError(f"{directory}: 'lm_head.weight' without the 'caduceus.' prefix on the "
-                       "other keys; neither CaduceusForMaskedLM nor a bare Caduceus layout")
     backbone_state = {k[len("backbone."):]: v for k, v in state.items()}
     _fit_vocab(backbone_state, ["embedding.weight"], config, directory)
     model = _build("Backbone", config, {})
