@@ -304,3 +304,22 @@ def test_classifier_pooling_ignores_padding(rng_seed, pooling):
         for b, n in enumerate(lengths.tolist()):
             close(logits[b], clf(ids[b:b + 1, :n])[0])
             close(emb[b], clf.embed(ids[b:b + 1, :n])[0])
+
+
+def test_padded_batch_gradients_equal_per_sequence_gradients(rng_seed):
+    bb = Backbone(tiny(bidirectional=True, n_layer=1))
+    ids = torch.randint(0, 256, (2, 8))
+    lengths = torch.tensor([8, 5])
+    ids[1, 5:] = 256
+    w = torch.randn(8, 16)  # a fixed readout so the loss weighs positions differently
+
+    def grads(loss):
+        bb.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in bb.named_parameters()}
+
+    mask = (torch.arange(8) < lengths[:, None])[..., None]
+    batched = grads((bb(ids, lengths=lengths) * w * mask).sum())
+    alone = grads(sum((bb(ids[b:b + 1, :n]) * w[:n]).sum() for b, n in enumerate(lengths.tolist())))
+    for n in batched:
+        close(batched[n], alone[n], rtol=1e-3)
