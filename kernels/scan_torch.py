@@ -332,6 +332,9 @@ def _backward(g_out, g_last, saved, pb):
 
 
 class _SelectiveScanFn(torch.autograd.Function):
+    """Saves the inputs, one state per chunk start and the pre-gate y (when z is given);
+    the backward recomputes h chunk by chunk, latest chunk first."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B4, C4, D, z, delta_bias, h0, pb):
         out, last, starts, y_save = _forward(u, delta, A, B4, C4, D, z, delta_bias, h0, pb,
@@ -344,14 +347,11 @@ class _SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, g_out, g_last):
         pb = ctx.pb
         saved = ctx.saved_tensors
-        u, delta, A, B4, C4, D, z, delta_bias, h0 = saved[:9]
-        if g_out is None:
-            g_out = torch.zeros(u.shape, dtype=pb.cdt, device=u.device)
+        # g_out, g_last are never None: autograd materialises zeros for unused outputs.
         grads = _backward(g_out, g_last, saved, pb)
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = grads
-        cast = lambda g, ref: None if ref is None else g.to(ref.dtype)  # noqa: E731
-        return (cast(du, u), cast(ddelta, delta), cast(dA, A), cast(dB, B4), cast(dC, C4),
-                cast(dD, D), cast(dz, z), cast(dbias, delta_bias), cast(dh0, h0), None)
+        # Each gradient in its input's dtype (computed in float32, or float64).
+        return tuple(None if ref is None else g.to(ref.dtype)
+                     for g, ref in zip(grads, saved[:9])) + (None,)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
