@@ -79,17 +79,82 @@ def _seq_bounds(cu_ptr, i, L, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _split8(x):
+    """(R, 8) -> its 8 columns (R,), through in-register splits (no reductions)."""
+    R: tl.constexpr = x.shape[0]
+    e, o = tl.split(tl.reshape(x, (R, 4, 2)))
+    ee, eo = tl.split(tl.reshape(e, (R, 2, 2)))
+    oe, oo = tl.split(tl.reshape(o, (R, 2, 2)))
+    c0, c4 = tl.split(ee)
+    c2, c6 = tl.split(eo)
+    c1, c5 = tl.split(oe)
+    c3, c7 = tl.split(oo)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7):
+    """Inverse of _split8: 8 columns (R,) -> (R, 8)."""
+    R: tl.constexpr = c0.shape[0]
+    e = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), (R, 4))
+    o = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), (R, 4))
+    return tl.reshape(tl.join(e, o), (R, 8))
+
+
+@triton.jit
+def _chunk_pos(k0, c, bos, seqlen, REVERSE: tl.constexpr):
+    """Positions (8,) int64 of steps k0 + 8c .. +7 and their validity."""
+    k = k0 + c * 8 + tl.arange(0, 8)
+    if REVERSE:
+        t = bos + seqlen - 1 - k
+    else:
+        t = bos + k
+    return t, k < seqlen
+
+
+@triton.jit
+def _fstep(h, A2, d, x, Bv):
+    """h <- exp(Δ A) h + (Δ u) B for one step; d, x (BD,), Bv (NP,)."""
+    return tl.exp2(d[:, None] * A2) * h + x[:, None] * Bv[None, :]
+
+
+@triton.jit
+def _fstep_y(h, A2, d, x, Bv, Cv):
+    h = tl.exp2(d[:, None] * A2) * h + x[:, None] * Bv[None, :]
+    return h, tl.sum(h * Cv[None, :], axis=1)
+
+
+@triton.jit
+def _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l, t, m2, mn2, bias,
+                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Tiles of one 8-step chunk, float32: u (BD, 8), Δ (BD, 8, 0 on padded steps), Δ·u,
+    B (NP, 8), and Δ before softplus (for its derivative)."""
+    u = tl.load(u_base[:, None] + t[None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
+    raw = tl.load(dt_base[:, None] + t[None, :] * sdt_l, mask=m2, other=0.0).to(tl.float32)
+    pre = raw
+    if HAS_BIAS:
+        pre = raw + bias[:, None]
+    delta = tl.where(m2, _delta_of(raw, bias[:, None], HAS_BIAS, SOFTPLUS), 0.0)
+    Bt = tl.load(B_base[:, None] + t[None, :] * sB_l, mask=mn2, other=0.0).to(tl.float32)
+    return u, delta, delta * u, Bt, pre
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr,
-    out_ptr, start_ptr, hend_ptr, dsum_ptr, last_ptr,
+    out_ptr, start_ptr, hend_ptr, dsum_ptr, last_ptr, ckpt_ptr,
     L, dim, N, dpg, S,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     sst_i, sst_s, sst_d, sst_n,
-    T: tl.constexpr, HAS_START: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    T: tl.constexpr, K: tl.constexpr, HAS_START: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
     VARLEN: tl.constexpr, WRITE_OUT: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
 ):
+    """WRITE_OUT=False: segment end states from h = 0 into hend, ΣΔ into dsum.
+    WRITE_OUT=True: out from each segment's start state; last_state; and the state before
+    every K-step sub-chunk into ckpt (nseq, S, T/K, dim, N) float32, the backward's restart
+    points."""
     pid_d = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
     i = tl.program_id(2).to(tl.int64)
@@ -107,10 +172,11 @@ def _fwd_kernel(
         bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=dmask, other=0.0)
-    u_base = u_ptr + row * su_b + offs_d.to(tl.int64) * su_d
-    dt_base = dt_ptr + row * sdt_b + offs_d.to(tl.int64) * sdt_d
-    z_base = z_ptr + row * sz_b + offs_d.to(tl.int64) * sz_d
-    o_base = out_ptr + row * so_b + offs_d.to(tl.int64) * so_d
+    od = offs_d.to(tl.int64)
+    u_base = u_ptr + row * su_b + od * su_d
+    dt_base = dt_ptr + row * sdt_b + od * sdt_d
+    z_base = z_ptr + row * sz_b + od * sz_d
+    o_base = out_ptr + row * so_b + od * so_d
     B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
     C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
     st_offs = offs_d[:, None] * sst_d + offs_n[None, :] * sst_n
@@ -120,31 +186,48 @@ def _fwd_kernel(
         h = tl.zeros([BD, NP], dtype=tl.float32)
     dsum = tl.zeros([BD], dtype=tl.float32)
     k0 = s * T
-    for kk in range(T):
-        k = k0 + kk
-        valid = k < seqlen
-        if REVERSE:
-            t = bos + seqlen - 1 - k
-        else:
-            t = bos + k
-        md = dmask & valid
-        mn = nmask & valid
-        u = tl.load(u_base + t * su_l, mask=md, other=0.0).to(tl.float32)
-        raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
-        delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
-        Bt = tl.load(B_base + t * sB_l, mask=mn, other=0.0).to(tl.float32)
-        h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
+    ck_base = ckpt_ptr + (i * S + s) * (T // K) * dim * N + offs_d[:, None] * N + offs_n[None, :]
+    for c in range(T // 8):
         if WRITE_OUT:
-            Ct = tl.load(C_base + t * sC_l, mask=mn, other=0.0).to(tl.float32)
-            y = tl.sum(h * Ct[None, :], axis=1)
+            if c % (K // 8) == 0:
+                tl.store(ck_base + (c // (K // 8)) * dim * N, h, mask=tmask)
+        t, valid = _chunk_pos(k0, c, bos, seqlen, REVERSE)
+        m2 = dmask[:, None] & valid[None, :]
+        mn2 = nmask[:, None] & valid[None, :]
+        u, delta, x, Bt, pre = _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l, t, m2,
+                                            mn2, bias, HAS_BIAS, SOFTPLUS)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+        B0, B1, B2, B3, B4, B5, B6, B7 = _split8(Bt)
+        if WRITE_OUT:
+            Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0).to(tl.float32)
+            C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct)
+            h, y0 = _fstep_y(h, A2, d0, x0, B0, C0)
+            h, y1 = _fstep_y(h, A2, d1, x1, B1, C1)
+            h, y2 = _fstep_y(h, A2, d2, x2, B2, C2)
+            h, y3 = _fstep_y(h, A2, d3, x3, B3, C3)
+            h, y4 = _fstep_y(h, A2, d4, x4, B4, C4)
+            h, y5 = _fstep_y(h, A2, d5, x5, B5, C5)
+            h, y6 = _fstep_y(h, A2, d6, x6, B6, C6)
+            h, y7 = _fstep_y(h, A2, d7, x7, B7, C7)
+            y = _join8(y0, y1, y2, y3, y4, y5, y6, y7)
             if HAS_D:
-                y += Dv * u
+                y += Dv[:, None] * u
             if HAS_Z:
-                zt = tl.load(z_base + t * sz_l, mask=md, other=0.0).to(tl.float32)
+                zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
+                zt = zt.to(tl.float32)
                 y = y * zt * tl.sigmoid(zt)
-            tl.store(o_base + t * so_l, y.to(out_ptr.dtype.element_ty), mask=md)
+            tl.store(o_base[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=m2)
         else:
-            dsum += delta
+            h = _fstep(h, A2, d0, x0, B0)
+            h = _fstep(h, A2, d1, x1, B1)
+            h = _fstep(h, A2, d2, x2, B2)
+            h = _fstep(h, A2, d3, x3, B3)
+            h = _fstep(h, A2, d4, x4, B4)
+            h = _fstep(h, A2, d5, x5, B5)
+            h = _fstep(h, A2, d6, x6, B6)
+            h = _fstep(h, A2, d7, x7, B7)
+            dsum += tl.sum(delta, axis=1)
     # hend / dsum / last are contiguous float32: (nseq, S, dim, N), (nseq, S, dim), (nseq, dim, N)
     if WRITE_OUT:
         if s == S - 1:
@@ -215,38 +298,59 @@ def _bwd_local_kernel(
     C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
     mu = tl.zeros([BD, NP], dtype=tl.float32)
     k0 = s * T
-    for kk in range(T):
-        k = k0 + T - 1 - kk
-        valid = k < seqlen
-        if REVERSE:
-            t = bos + seqlen - 1 - k
-        else:
-            t = bos + k
-        md = dmask & valid
-        mn = nmask & valid
-        gy = tl.load(g_base + t * sg_l, mask=md, other=0.0).to(tl.float32)
+    for cc in range(T // 8):
+        t, valid = _chunk_pos(k0, T // 8 - 1 - cc, bos, seqlen, REVERSE)
+        m2 = dmask[:, None] & valid[None, :]
+        mn2 = nmask[:, None] & valid[None, :]
+        gy = tl.load(g_base[:, None] + t[None, :] * sg_l, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
-            zt = tl.load(z_base + t * sz_l, mask=md, other=0.0).to(tl.float32)
+            zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
+            zt = zt.to(tl.float32)
             gy = gy * zt * tl.sigmoid(zt)
-        raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
-        delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
-        Ct = tl.load(C_base + t * sC_l, mask=mn, other=0.0).to(tl.float32)
-        lam = gy[:, None] * Ct[None, :] + mu
-        mu = tl.exp2(delta[:, None] * A2) * lam
+        raw = tl.load(dt_base[:, None] + t[None, :] * sdt_l, mask=m2, other=0.0).to(tl.float32)
+        delta = tl.where(m2, _delta_of(raw, bias[:, None], HAS_BIAS, SOFTPLUS), 0.0)
+        Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0).to(tl.float32)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
+        g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy)
+        C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct)
+        mu = tl.exp2(d7[:, None] * A2) * (g7[:, None] * C7[None, :] + mu)
+        mu = tl.exp2(d6[:, None] * A2) * (g6[:, None] * C6[None, :] + mu)
+        mu = tl.exp2(d5[:, None] * A2) * (g5[:, None] * C5[None, :] + mu)
+        mu = tl.exp2(d4[:, None] * A2) * (g4[:, None] * C4[None, :] + mu)
+        mu = tl.exp2(d3[:, None] * A2) * (g3[:, None] * C3[None, :] + mu)
+        mu = tl.exp2(d2[:, None] * A2) * (g2[:, None] * C2[None, :] + mu)
+        mu = tl.exp2(d1[:, None] * A2) * (g1[:, None] * C1[None, :] + mu)
+        mu = tl.exp2(d0[:, None] * A2) * (g0[:, None] * C0[None, :] + mu)
     tl.store(muloc_ptr + (i * S + s) * dim * N + offs_d[:, None] * N + offs_n[None, :], mu,
              mask=tmask)
 
 
 @triton.jit
+def _bstep(mu, dA_acc, h, gy, Cv, Bv, d, x, u, A2, Af):
+    """One adjoint step.  mu: ∂L/∂h_t from later steps (already decayed); h = h_t; gy (BD,)
+    gradient of y_t; x = Δ u.  Returns the decayed adjoint for step t-1, dA_acc, and per step:
+    ∂Δ before softplus (BD,), ∂u without the D term (BD,), ∂B_t and ∂C_t summed over the
+    block's channels (NP,)."""
+    lam = gy[:, None] * Cv[None, :] + mu
+    gexp = lam * (h - x[:, None] * Bv[None, :])  # λ_t Ā_t h_{t-1}: gradient of the exponent ΔA
+    dA_acc += d[:, None] * gexp
+    lb = tl.sum(lam * Bv[None, :], axis=1)
+    ddelta = lb * u + tl.sum(Af * gexp, axis=1)
+    dBv = tl.sum(lam * x[:, None], axis=0)
+    dCv = tl.sum(gy[:, None] * h, axis=0)
+    return tl.exp2(d[:, None] * A2) * lam, dA_acc, ddelta, lb * d, dBv, dCv
+
+
+@triton.jit
 def _bwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr, g_ptr,
-    start_ptr, muend_ptr, scratch_ptr,
+    ckpt_ptr, muend_ptr, scratch_ptr,
     du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dinit_ptr,
     L, dim, N, dpg, S, n_work, ndb,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-    sst_i, sst_s, sst_d, sst_n, smu_i, smu_s, smu_d, smu_n,
-    T: tl.constexpr, K: tl.constexpr, HAS_START: tl.constexpr, HAS_MU: tl.constexpr,
+    smu_i, smu_s, smu_d, smu_n,
+    T: tl.constexpr, K: tl.constexpr, HAS_MU: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
 ):
@@ -254,7 +358,8 @@ def _bwd_kernel(
 
     du, ddt, dz: (batch, dim, L) contiguous in the input dtypes; dBp, dCp: (batch, dim/BD, N, L)
     float32 partials; dAp (nseq, S, dim, N), dDp and dbp (nseq, S, dim) float32 partials;
-    dinit (nseq, dim, N) float32.  scratch: (programs, T/K + K, BD, NP) float32.
+    dinit (nseq, dim, N) float32.  ckpt: the forward's states before each K-step sub-chunk;
+    scratch: (programs, K, BD, NP) float32, h at each step of the current sub-chunk.
     """
     NSUB: tl.constexpr = T // K
     pid = tl.program_id(0)
@@ -263,8 +368,7 @@ def _bwd_kernel(
     offs_n = tl.arange(0, NP)
     nmask = offs_n < N
     tile = offs_bd[:, None] * NP + offs_n[None, :]
-    sw_base = scratch_ptr + pid.to(tl.int64) * ((NSUB + K) * BD * NP)
-    hs_base = sw_base + NSUB * BD * NP
+    hs_base = scratch_ptr + pid.to(tl.int64) * (K * BD * NP)
     for w in range(pid, n_work, nprog):
         pid_d = w % ndb
         s = ((w // ndb) % S).to(tl.int64)
@@ -294,29 +398,9 @@ def _bwd_kernel(
         B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
         C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
         p_base = (row * ndb + pid_d) * N * L + offs_n.to(tl.int64) * L
-        if HAS_START:
-            h = tl.load(start_ptr + i * sst_i + s * sst_s + offs_d[:, None] * sst_d
-                        + offs_n[None, :] * sst_n, mask=tmask, other=0.0)
-        else:
-            h = tl.zeros([BD, NP], dtype=tl.float32)
         k0 = s * T
-        # sweep: the state at each sub-chunk start
-        for j in range(NSUB):
-            tl.store(sw_base + j * BD * NP + tile, h)
-            for kk in range(K):
-                k = k0 + j * K + kk
-                valid = k < seqlen
-                if REVERSE:
-                    t = bos + seqlen - 1 - k
-                else:
-                    t = bos + k
-                md = dmask & valid
-                u = tl.load(u_base + t * su_l, mask=md, other=0.0).to(tl.float32)
-                raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
-                delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
-                Bt = tl.load(B_base + t * sB_l, mask=nmask & valid, other=0.0).to(tl.float32)
-                h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
-        tl.debug_barrier()
+        ck_base = ckpt_ptr + (i * S + s) * NSUB * dim * N + offs_d[:, None] * N \
+            + offs_n[None, :]
         if HAS_MU:
             mu = tl.load(muend_ptr + i * smu_i + s * smu_s + offs_d[:, None] * smu_d
                          + offs_n[None, :] * smu_n, mask=tmask, other=0.0)
@@ -325,77 +409,119 @@ def _bwd_kernel(
         dA_acc = tl.zeros([BD, NP], dtype=tl.float32)
         dD_acc = tl.zeros([BD], dtype=tl.float32)
         db_acc = tl.zeros([BD], dtype=tl.float32)
+        TS: tl.constexpr = BD * NP
         for jj in range(NSUB):
             j = NSUB - 1 - jj
-            h = tl.load(sw_base + j * BD * NP + tile)
+            h = tl.load(ck_base + j * dim * N, mask=tmask, other=0.0)
             # recompute h over the sub-chunk into scratch; ∂z needs the pre-gate y
-            for kk in range(K):
-                k = k0 + j * K + kk
-                valid = k < seqlen
-                if REVERSE:
-                    t = bos + seqlen - 1 - k
-                else:
-                    t = bos + k
-                md = dmask & valid
-                mn = nmask & valid
-                u = tl.load(u_base + t * su_l, mask=md, other=0.0).to(tl.float32)
-                raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
-                delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
-                Bt = tl.load(B_base + t * sB_l, mask=mn, other=0.0).to(tl.float32)
-                h = tl.exp2(delta[:, None] * A2) * h + (delta * u)[:, None] * Bt[None, :]
-                tl.store(hs_base + kk * BD * NP + tile, h)
+            for cl in range(K // 8):
+                c = j * (K // 8) + cl
+                t, valid = _chunk_pos(k0, c, bos, seqlen, REVERSE)
+                m2 = dmask[:, None] & valid[None, :]
+                mn2 = nmask[:, None] & valid[None, :]
+                u, delta, x, Bt, pre = _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
+                                                    t, m2, mn2, bias, HAS_BIAS, SOFTPLUS)
+                d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
+                x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+                B0, B1, B2, B3, B4, B5, B6, B7 = _split8(Bt)
+                hb = hs_base + cl * 8 * TS + tile
                 if HAS_Z:
-                    Ct = tl.load(C_base + t * sC_l, mask=mn, other=0.0).to(tl.float32)
-                    y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
-                    gt = tl.load(g_base + t * sg_l, mask=md, other=0.0).to(tl.float32)
-                    zt = tl.load(z_base + t * sz_l, mask=md, other=0.0).to(tl.float32)
+                    Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0)
+                    C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct.to(tl.float32))
+                    h, y0 = _fstep_y(h, A2, d0, x0, B0, C0)
+                    tl.store(hb, h)
+                    h, y1 = _fstep_y(h, A2, d1, x1, B1, C1)
+                    tl.store(hb + TS, h)
+                    h, y2 = _fstep_y(h, A2, d2, x2, B2, C2)
+                    tl.store(hb + 2 * TS, h)
+                    h, y3 = _fstep_y(h, A2, d3, x3, B3, C3)
+                    tl.store(hb + 3 * TS, h)
+                    h, y4 = _fstep_y(h, A2, d4, x4, B4, C4)
+                    tl.store(hb + 4 * TS, h)
+                    h, y5 = _fstep_y(h, A2, d5, x5, B5, C5)
+                    tl.store(hb + 5 * TS, h)
+                    h, y6 = _fstep_y(h, A2, d6, x6, B6, C6)
+                    tl.store(hb + 6 * TS, h)
+                    h, y7 = _fstep_y(h, A2, d7, x7, B7, C7)
+                    tl.store(hb + 7 * TS, h)
+                    y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dv[:, None] * u
+                    gt = tl.load(g_base[:, None] + t[None, :] * sg_l, mask=m2, other=0.0)
+                    zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
+                    zt = zt.to(tl.float32)
                     sz = tl.sigmoid(zt)
-                    dz = gt * y * sz * (1.0 + zt * (1.0 - sz))
-                    tl.store(dz_ptr + o_base + t, dz.to(dz_ptr.dtype.element_ty), mask=md)
+                    dz = gt.to(tl.float32) * y * sz * (1.0 + zt * (1.0 - sz))
+                    tl.store(dz_ptr + o_base[:, None] + t[None, :], dz.to(dz_ptr.dtype.element_ty),
+                             mask=m2)
+                else:
+                    h = _fstep(h, A2, d0, x0, B0)
+                    tl.store(hb, h)
+                    h = _fstep(h, A2, d1, x1, B1)
+                    tl.store(hb + TS, h)
+                    h = _fstep(h, A2, d2, x2, B2)
+                    tl.store(hb + 2 * TS, h)
+                    h = _fstep(h, A2, d3, x3, B3)
+                    tl.store(hb + 3 * TS, h)
+                    h = _fstep(h, A2, d4, x4, B4)
+                    tl.store(hb + 4 * TS, h)
+                    h = _fstep(h, A2, d5, x5, B5)
+                    tl.store(hb + 5 * TS, h)
+                    h = _fstep(h, A2, d6, x6, B6)
+                    tl.store(hb + 6 * TS, h)
+                    h = _fstep(h, A2, d7, x7, B7)
+                    tl.store(hb + 7 * TS, h)
             tl.debug_barrier()
             # adjoint backwards over the sub-chunk
-            for kk2 in range(K):
-                kk = K - 1 - kk2
-                k = k0 + j * K + kk
-                valid = k < seqlen
-                if REVERSE:
-                    t = bos + seqlen - 1 - k
-                else:
-                    t = bos + k
-                md = dmask & valid
-                mn = nmask & valid
-                u = tl.load(u_base + t * su_l, mask=md, other=0.0).to(tl.float32)
-                raw = tl.load(dt_base + t * sdt_l, mask=md, other=0.0).to(tl.float32)
-                pre = raw
-                if HAS_BIAS:
-                    pre = raw + bias
-                delta = tl.where(md, _delta_of(raw, bias, HAS_BIAS, SOFTPLUS), 0.0)
-                Bt = tl.load(B_base + t * sB_l, mask=mn, other=0.0).to(tl.float32)
-                Ct = tl.load(C_base + t * sC_l, mask=mn, other=0.0).to(tl.float32)
-                gy = tl.load(g_base + t * sg_l, mask=md, other=0.0).to(tl.float32)
+            for cc in range(K // 8):
+                cl = K // 8 - 1 - cc
+                c = j * (K // 8) + cl
+                t, valid = _chunk_pos(k0, c, bos, seqlen, REVERSE)
+                m2 = dmask[:, None] & valid[None, :]
+                mn2 = nmask[:, None] & valid[None, :]
+                u, delta, x, Bt, pre = _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
+                                                    t, m2, mn2, bias, HAS_BIAS, SOFTPLUS)
+                Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0)
+                gy = tl.load(g_base[:, None] + t[None, :] * sg_l, mask=m2, other=0.0)
+                gy = gy.to(tl.float32)
                 if HAS_Z:
-                    zt = tl.load(z_base + t * sz_l, mask=md, other=0.0).to(tl.float32)
+                    zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
+                    zt = zt.to(tl.float32)
                     gy = gy * zt * tl.sigmoid(zt)
-                h = tl.load(hs_base + kk * BD * NP + tile)
-                lam = gy[:, None] * Ct[None, :] + mu
-                dbu = (delta * u)[:, None] * Bt[None, :]
-                gexp = lam * (h - dbu)  # λ_t Ā_t h_{t-1}: the gradient of the exponent Δ A
-                dA_acc += delta[:, None] * gexp
-                lb = lam * Bt[None, :]
-                ddelta = tl.sum(lb, axis=1) * u + tl.sum(Af * gexp, axis=1)
+                d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
+                x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+                u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u)
+                B0, B1, B2, B3, B4, B5, B6, B7 = _split8(Bt)
+                C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct.to(tl.float32))
+                g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy)
+                hb = hs_base + cl * 8 * TS + tile
+                mu, dA_acc, e7, v7, b7, c7 = _bstep(mu, dA_acc, tl.load(hb + 7 * TS), g7, C7, B7,
+                                                    d7, x7, u7, A2, Af)
+                mu, dA_acc, e6, v6, b6, c6 = _bstep(mu, dA_acc, tl.load(hb + 6 * TS), g6, C6, B6,
+                                                    d6, x6, u6, A2, Af)
+                mu, dA_acc, e5, v5, b5, c5 = _bstep(mu, dA_acc, tl.load(hb + 5 * TS), g5, C5, B5,
+                                                    d5, x5, u5, A2, Af)
+                mu, dA_acc, e4, v4, b4, c4 = _bstep(mu, dA_acc, tl.load(hb + 4 * TS), g4, C4, B4,
+                                                    d4, x4, u4, A2, Af)
+                mu, dA_acc, e3, v3, b3, c3 = _bstep(mu, dA_acc, tl.load(hb + 3 * TS), g3, C3, B3,
+                                                    d3, x3, u3, A2, Af)
+                mu, dA_acc, e2, v2, b2, c2 = _bstep(mu, dA_acc, tl.load(hb + 2 * TS), g2, C2, B2,
+                                                    d2, x2, u2, A2, Af)
+                mu, dA_acc, e1, v1, b1, c1 = _bstep(mu, dA_acc, tl.load(hb + TS), g1, C1, B1,
+                                                    d1, x1, u1, A2, Af)
+                mu, dA_acc, e0, v0, b0, c0 = _bstep(mu, dA_acc, tl.load(hb), g0, C0, B0,
+                                                    d0, x0, u0, A2, Af)
+                ddelta = _join8(e0, e1, e2, e3, e4, e5, e6, e7)
                 if SOFTPLUS:
                     ddelta = ddelta * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre))
-                ddelta = tl.where(md, ddelta, 0.0)
-                db_acc += ddelta
-                du = tl.sum(lb, axis=1) * delta + gy * Dv
-                dD_acc += gy * u
-                tl.store(du_ptr + o_base + t, du.to(du_ptr.dtype.element_ty), mask=md)
-                tl.store(ddt_ptr + o_base + t, ddelta.to(ddt_ptr.dtype.element_ty), mask=md)
-                dBt = tl.sum(lam * (delta * u)[:, None], axis=0)
-                dCt = tl.sum(gy[:, None] * h, axis=0)
-                tl.store(dBp_ptr + p_base + t, dBt, mask=mn)
-                tl.store(dCp_ptr + p_base + t, dCt, mask=mn)
-                mu = tl.exp2(delta[:, None] * A2) * lam
+                ddelta = tl.where(m2, ddelta, 0.0)
+                db_acc += tl.sum(ddelta, axis=1)
+                du = _join8(v0, v1, v2, v3, v4, v5, v6, v7) + gy * Dv[:, None]
+                dD_acc += tl.sum(gy * u, axis=1)
+                ot = o_base[:, None] + t[None, :]
+                tl.store(du_ptr + ot, du.to(du_ptr.dtype.element_ty), mask=m2)
+                tl.store(ddt_ptr + ot, ddelta.to(ddt_ptr.dtype.element_ty), mask=m2)
+                pt = p_base[:, None] + t[None, :]
+                tl.store(dBp_ptr + pt, _join8(b0, b1, b2, b3, b4, b5, b6, b7), mask=mn2)
+                tl.store(dCp_ptr + pt, _join8(c0, c1, c2, c3, c4, c5, c6, c7), mask=mn2)
             tl.debug_barrier()
         pofs = (i * S + s) * dim
         tl.store(dAp_ptr + pofs * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=tmask)
@@ -432,13 +558,14 @@ class _Plan:
     """Launch geometry shared by forward and backward of one call."""
 
     def __init__(self, u: Tensor, A: Tensor, B: Tensor, cu_seqlens: Tensor | None):
+        import os
         batch, dim, L = u.shape
         self.dim, self.L, self.N = dim, L, A.shape[1]
         self.NP = triton.next_power_of_2(self.N)
         self.groups = 1 if B.dim() == 3 else B.shape[1]
         self.dpg = dim // self.groups
         # a block of channels must sit in one group (it shares one B_t, C_t)
-        self.BD = _pow2_divisor(self.dpg, 16)
+        self.BD = _pow2_divisor(self.dpg, int(os.environ.get("SEQLAB_BD", "16")))
         self.ndb = dim // self.BD
         if cu_seqlens is None:
             self.nseq, self.maxlen = batch, L
@@ -447,7 +574,8 @@ class _Plan:
             self.nseq, self.maxlen = lens.numel(), max(int(lens.max()), 1)
         # Enough segments to give every SM ~16 programs, each at least 64 steps long
         # (segment passes cost a second exp per element) and at most 1024 (scratch slots).
-        target = 16 * _n_sm(u.device)
+        import os
+        target = int(os.environ.get("SEQLAB_TGT", "16")) * _n_sm(u.device)
         rows = self.nseq * self.ndb
         seg = triton.cdiv(self.maxlen, max(1, triton.cdiv(target, rows)))
         seg = min(max(seg, 64), 1024)
@@ -455,12 +583,12 @@ class _Plan:
             seg = self.maxlen
         self.T = triton.cdiv(seg, SUB_K) * SUB_K
         self.S = triton.cdiv(self.maxlen, self.T)
-        self.num_warps = 2 if self.BD * self.NP >= 128 else 1
+        self.num_warps = int(os.environ.get("SEQLAB_NW", "1")) if self.BD * self.NP >= 128 else 1
 
 
 def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, reverse, cu):
-    """Returns out (batch, dim, L) in u's dtype, last (nseq, dim, N) fp32, start states or None
-    (nseq, S, dim, N) fp32, dsum or None (nseq, S, dim) fp32."""
+    """Returns out (batch, dim, L) in u's dtype, last (nseq, dim, N) fp32, the sub-chunk
+    checkpoints (nseq, S, T/K, dim, N) fp32 and dsum (nseq, S, dim) fp32 or None if S == 1."""
     batch, dim, L = u.shape
     N, S, nseq = plan.N, plan.S, plan.nseq
     dev = u.device
@@ -468,7 +596,7 @@ def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, re
     last = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
     zz = z if z is not None else u
     dummy = A2
-    common = dict(T=plan.T, HAS_D=D is not None, HAS_Z=z is not None,
+    common = dict(T=plan.T, K=SUB_K, HAS_D=D is not None, HAS_Z=z is not None,
                   HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse,
                   VARLEN=cu is not None, BD=plan.BD, NP=plan.NP, num_warps=plan.num_warps)
     grid = (plan.ndb, S, nseq)
@@ -477,15 +605,16 @@ def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, re
                delta_bias if delta_bias is not None else dummy,
                cu if cu is not None else dummy)
     strides = (*u.stride(), *delta.stride(), *zz.stride(), *out.stride(), *sB, *sC)
+    ckpt = _empty(nseq, S, plan.T // SUB_K, dim, N, dtype=torch.float32, device=dev)
     if S == 1:
-        start, dsum = None, None
+        dsum = None
         st = h0 if h0 is not None else dummy
         sst = (dim * N, 0, N, 1)
         has_start = h0 is not None
     else:
         hend = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
         dsum = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
-        _fwd_kernel[grid](*args_in, out, dummy, hend, dsum, last, L, dim, N, plan.dpg, S,
+        _fwd_kernel[grid](*args_in, out, dummy, hend, dsum, last, dummy, L, dim, N, plan.dpg, S,
                           *strides, 0, 0, 0, 0, HAS_START=False, WRITE_OUT=False, **common)
         start = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
         BLK = 256
@@ -493,13 +622,13 @@ def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, re
             hend, dsum, A2, h0 if h0 is not None else dummy, start, last, S, dim * N, N,
             HAS_INIT=h0 is not None, BACKWARD=False, BLK=BLK)
         st, sst, has_start = start, start.stride(), True
-    _fwd_kernel[grid](*args_in, out, st, dummy, dummy, last, L, dim, N, plan.dpg, S,
+    _fwd_kernel[grid](*args_in, out, st, dummy, dummy, last, ckpt, L, dim, N, plan.dpg, S,
                       *strides, *sst, HAS_START=has_start, WRITE_OUT=True, **common)
-    return out, last, start, dsum
+    return out, last, ckpt, dsum
 
 
 def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softplus, h0,
-              start, dsum, reverse, cu):
+              ckpt, dsum, reverse, cu):
     batch, dim, L = u.shape
     N, S, nseq, BD, NP = plan.N, plan.S, plan.nseq, plan.BD, plan.NP
     dev = u.device
@@ -514,8 +643,6 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
     if S == 1:
         muend, smu, has_mu = (dlast if dlast is not None else dummy), (dim * N, 0, N, 1), \
             dlast is not None
-        st = h0 if h0 is not None else dummy
-        sst, has_start = (dim * N, 0, N, 1), h0 is not None
     else:
         muloc = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
         _bwd_local_kernel[(plan.ndb, S, nseq)](
@@ -528,7 +655,6 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
             muloc, dsum, A2, dlast if dlast is not None else dummy, muend, dinit_c, S,
             dim * N, N, HAS_INIT=dlast is not None, BACKWARD=True, BLK=BLK)
         smu, has_mu = muend.stride(), True
-        st, sst, has_start = start, start.stride(), True
     du = _empty(batch, dim, L, dtype=u.dtype, device=dev)
     ddelta = _empty(batch, dim, L, dtype=delta.dtype, device=dev)
     dz = _empty(batch, dim, L, dtype=z.dtype, device=dev) if z is not None else None
@@ -540,14 +666,13 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
     dinit = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
     n_work = nseq * S * plan.ndb
     nprog = min(n_work, 16 * _n_sm(dev))
-    scratch = _empty(nprog, plan.T // SUB_K + SUB_K, BD, NP, dtype=torch.float32,
-                          device=dev)
+    scratch = _empty(nprog, SUB_K, BD, NP, dtype=torch.float32, device=dev)
     _bwd_kernel[(nprog,)](
         u, delta, zz, B, C, A2, D if D is not None else dummy, biasv, cuv, g,
-        st, muend, scratch, du, ddelta, dz if dz is not None else du, dBp, dCp, dAp, dDp, dbp,
+        ckpt, muend, scratch, du, ddelta, dz if dz is not None else du, dBp, dCp, dAp, dDp, dbp,
         dinit, L, dim, N, plan.dpg, S, n_work, plan.ndb,
-        *u.stride(), *delta.stride(), *zz.stride(), *g.stride(), *sB, *sC, *sst, *smu,
-        T=plan.T, K=SUB_K, HAS_START=has_start, HAS_MU=has_mu, HAS_D=D is not None, **flags)
+        *u.stride(), *delta.stride(), *zz.stride(), *g.stride(), *sB, *sC, *smu,
+        T=plan.T, K=SUB_K, HAS_MU=has_mu, HAS_D=D is not None, **flags)
     G = plan.groups
     dB = dBp.view(batch, G, plan.ndb // G, N, L).sum(2)
     dC = dCp.view(batch, G, plan.ndb // G, N, L).sum(2)
@@ -569,19 +694,19 @@ class _SelectiveScanFn(torch.autograd.Function):
         D = D.float().contiguous() if D is not None else None
         bias = delta_bias.float().contiguous() if delta_bias is not None else None
         h0c = h0.float().contiguous() if h0 is not None else None
-        out, last, start, dsum = _forward(plan, u, delta, A2, B, C, D, z, bias, softplus, h0c,
+        out, last, ckpt, dsum = _forward(plan, u, delta, A2, B, C, D, z, bias, softplus, h0c,
                                           reverse, cu)
-        ctx.save_for_backward(u, delta, A2, B, C, D, z, bias, h0c, start, dsum, cu)
+        ctx.save_for_backward(u, delta, A2, B, C, D, z, bias, h0c, ckpt, dsum, cu)
         ctx.plan, ctx.softplus, ctx.reverse = plan, softplus, reverse
         ctx.dtypes = (A.dtype, None if h0 is None else h0.dtype)
         return out, last
 
     @staticmethod
     def backward(ctx, g, dlast):
-        u, delta, A2, B, C, D, z, bias, h0c, start, dsum, cu = ctx.saved_tensors
+        u, delta, A2, B, C, D, z, bias, h0c, ckpt, dsum, cu = ctx.saved_tensors
         dlast = dlast.float().contiguous() if dlast is not None else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _backward(
-            ctx.plan, g, dlast, u, delta, A2, B, C, D, z, bias, ctx.softplus, h0c, start, dsum,
+            ctx.plan, g, dlast, u, delta, A2, B, C, D, z, bias, ctx.softplus, h0c, ckpt, dsum,
             ctx.reverse, cu)
         dh0 = dinit.to(ctx.dtypes[1]) if h0c is not None else None
         return (du, ddelta, dA.to(ctx.dtypes[0]), dB, dC, dD, dz, dbias, None, dh0, None, None)
