@@ -103,3 +103,76 @@ def test_bad_settings_name_themselves():
         make_task("copying")
     with pytest.raises(ValueError, match="index"):
         InductionHeads().sample(-1)
+
+
+# ----------------------------------------------------------------------------- job pieces
+def _tiny_lm(selective=True, seed=0):
+    from seqlab.model import MambaConfig, MambaLM
+    torch.manual_seed(seed)
+    return MambaLM(MambaConfig(d_model=32, n_layer=2, d_state=8, vocab_size=16,
+                               selective=selective)).eval()
+
+
+@pytest.mark.parametrize("selective", [True, False])
+def test_chunked_prefill_equals_full_forward(selective):
+    """The bounded-memory evaluation (chunks carrying the cache) reads the same logits as one
+    full forward, for chunk sizes below, at and above the conv width and the length."""
+    from seqlab.jobs.synthetic import (accuracy, answer_logits_chunked, answer_logits_full,
+                                       evaluate_task)
+    model = _tiny_lm(selective)
+    dev = torch.device("cpu")
+    for gen in (SelectiveCopying(seq_len=20, n_content=5, seed=1), InductionHeads(seq_len=27)):
+        b = gen.batch(range(3))
+        full = answer_logits_full(model, b, dev)
+        assert full.shape == (3, gen.n_answers, 16)
+        for chunk in (3, 10, 1000):
+            got = answer_logits_chunked(model, b, dev, chunk=chunk)
+            torch.testing.assert_close(got, full, atol=2e-5, rtol=1e-4)
+        assert accuracy(full, b.targets) == accuracy(got, b.targets)
+        assert evaluate_task(model, gen, 5, 5, dev) == evaluate_task(model, gen, 5, 5, dev,
+                                                                      chunk=12)
+
+
+def test_recipes_compose():
+    from omegaconf import OmegaConf
+
+    from seqlab.cli import compose, recipes_dir
+    from seqlab.jobs.common import model_config
+    from seqlab.jobs.synthetic import generator_from_config
+    sc = compose("synthetic_selective_copy", ["data.seq_len=4096", "data.n_content=16",
+                                              "model.selective=false"])
+    OmegaConf.resolve(sc)  # as run_job does: model.vocab_size follows data.vocab_size
+    gen = generator_from_config(sc)
+    assert (gen.seq_len, gen.n_content, gen.vocab_size) == (4096, 16, 16)
+    m = model_config(sc)
+    assert (m.n_layer, m.d_model, m.selective, m.vocab_size) == (2, 64, False, 16)
+    ind = compose("synthetic_induction", ["data.vocab_size=20", "trainer.seed=3"])
+    OmegaConf.resolve(ind)
+    gen = generator_from_config(ind)
+    assert isinstance(gen, InductionHeads) and gen.seed == 3 and gen.vocab_size == 20
+    assert model_config(ind).vocab_size == 20 and not model_config(ind).bidirectional
+    for name in ("synthetic_selective_copy", "synthetic_induction"):
+        head = (recipes_dir() / f"{name}.yaml").read_text().splitlines()[:3]
+        assert any(f"seqlab run {name}" in line for line in head)
+
+
+def test_job_end_to_end(tmp_path):
+    """A few steps through `seqlab run`'s path: metrics, summary, plots, extrapolation record."""
+    import json
+
+    from seqlab.cli import compose, run_job
+    cfg = compose("synthetic_induction", [
+        f"run_dir={tmp_path / 'run'}", "data.seq_len=16", "model.d_model=16", "model.d_state=4",
+        "trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.eval_every=2",
+        "trainer.warmup_steps=1", "eval.n_samples=8", "eval.batch_size=8",
+        "eval.extrapolate=[4]", "eval.extrapolate_samples=4", "eval.chunk=5",
+        "+trainer.progress=false"])
+    summary = run_job(cfg)
+    run = tmp_path / "run"
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    assert set(summary["extrapolation"]) == {"16", "64"}
+    assert 0.0 <= summary["acc_len64"] <= 1.0
+    assert (run / "plots" / "extrapolation.png").stat().st_size > 0
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "extrapolate" and "acc_len64" in r for r in recs)
+    assert [r["step"] for r in recs if r["split"] == "eval"] == [2, 3]
