@@ -136,6 +136,9 @@ def bench_cuda(impls, quick, rep):
             except torch.cuda.OutOfMemoryError:
                 print(f"# {key} {impl}: out of memory")
                 continue
+            except Exception as e:  # say which row failed and keep the others
+                print(f"# {key} {impl}: {type(e).__name__}: {e}")
+                continue
             nbytes = sum(t.numel() * t.element_size() for t in ins) + b * d * L * 2
             p = peer.get(key)
             rows.append(dict(shape=key, impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwdbwd,

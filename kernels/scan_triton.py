@@ -6,26 +6,29 @@ float32/float16/bfloat16 with any strides; A (dim, N) float32; B, C (batch, N, L
 all arithmetic is float32.
 
 Structure (KERNEL_BRIEF "Kernel designs" 1 and 3). A program owns BD channels of one sequence
-and one segment of T scan steps; its state (BD, N) lives in registers.
+and one segment of T scan steps; its state (BD, N) lives in registers.  Inputs are read as
+(BD, 8) and (N, 8) tiles (8 time steps, coalesced along L for the usual (b, d, l) layout),
+split into columns in registers, and the next tile is prefetched while one is computed.
 
 forward
     1. ``_fwd_kernel`` (WRITE_OUT=False): each segment's end state from h = 0 and its sum of
        Δ (the segment's decay is exp(A ΣΔ)).  Skipped when there is one segment.
     2. ``_combine_kernel``: a short sequential scan over segments giving each segment's start
-       state; ``initial_state`` enters here.  These start states are all the backward keeps.
-    3. ``_fwd_kernel`` (WRITE_OUT=True): rerun each segment from its start state, write out and
-       the final state of the last segment (``last_state``).
+       state; ``initial_state`` enters here.
+    3. ``_fwd_kernel`` (WRITE_OUT=True): rerun each segment from its start state, write out,
+       ``last_state``, and the state before every K = 32 steps (checkpoints, N/8 float32 per
+       element of u: the only activation the backward keeps besides the inputs).  The
+       (batch, dim, L, N) states never reach HBM.
 backward
     1. ``_bwd_local_kernel``: each segment's adjoint at its start from a zero adjoint at its
        end (needs no h).  Skipped when there is one segment.
     2. ``_combine_kernel`` run backwards over segments: the adjoint entering each segment's end;
        ``∂last_state`` enters here.
-    3. ``_bwd_kernel``: per segment, sweep forward storing the state at every K-step sub-chunk
-       start in a per-program scratch slot, then for each sub-chunk from the last: recompute h
-       over its K steps into scratch (and ∂z, which needs the pre-gate y) and run the adjoint
-       backwards over them.  ∂B, ∂C are reduced over the BD channels in registers and written
-       as float32 partials (batch, dim/BD, N, L), summed afterwards: deterministic, no atomics.
-       The grid is persistent so each scratch slot has a single owner (and stays in L2).
+    3. ``_bwd_kernel``: per segment, for each K-step sub-chunk from the last: recompute h from
+       its checkpoint into a per-program scratch slot (and ∂z, which needs the pre-gate y), then
+       run the adjoint backwards over it.  ∂B, ∂C are reduced over the BD channels in registers
+       and written as float32 partials (batch, dim/BD, N, L), summed afterwards: deterministic,
+       no atomics.  The grid is persistent so each scratch slot has one owner (and stays in L2).
 
 Scan order: step k = 0..len-1 of a sequence reads position t = bos + k, or t = bos + len-1-k
 with ``reverse``: no flipped copies.  Padded steps (k >= len) get Δ = 0, so Ā = 1 and ΔBu = 0,
@@ -42,6 +45,7 @@ import triton.language as tl
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 SUB_K = 32  # sub-chunk length of the backward's recompute (multiple of every segment length)
+PROGRAMS_PER_SM = 16  # segments are added until the grid has about this many programs per SM
 # Tests set this to fill every output buffer with NaN before the kernels write it, so an element
 # a kernel forgets to write cannot pass as a plausible value.
 POISON = False
@@ -140,6 +144,25 @@ def _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l, t, m2, mn2, bias,
 
 
 @triton.jit
+def _raw_tiles(u_base, su_l, dt_base, sdt_l, B_base, sB_l, C_base, sC_l, z_base, sz_l, t, m2,
+               mn2, LOAD_C: tl.constexpr, LOAD_Z: tl.constexpr):
+    """One chunk's tiles in their storage dtypes: u, delta, z (BD, 8); B, C (NP, 8).  Tiles not
+    needed are stand-ins (u for z, B for C) so the loop-carried types stay fixed."""
+    u = tl.load(u_base[:, None] + t[None, :] * su_l, mask=m2, other=0.0)
+    raw = tl.load(dt_base[:, None] + t[None, :] * sdt_l, mask=m2, other=0.0)
+    Bt = tl.load(B_base[:, None] + t[None, :] * sB_l, mask=mn2, other=0.0)
+    if LOAD_C:
+        Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0)
+    else:
+        Ct = Bt
+    if LOAD_Z:
+        zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
+    else:
+        zt = u
+    return u, raw, Bt, Ct, zt
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr,
     out_ptr, start_ptr, hend_ptr, dsum_ptr, last_ptr, ckpt_ptr,
@@ -187,21 +210,32 @@ def _fwd_kernel(
     dsum = tl.zeros([BD], dtype=tl.float32)
     k0 = s * T
     ck_base = ckpt_ptr + (i * S + s) * (T // K) * dim * N + offs_d[:, None] * N + offs_n[None, :]
+    # Software prefetch: the raw tiles of chunk c+1 are loaded while chunk c is computed, so a
+    # program's load latency overlaps its own arithmetic (a plain loop stalls on every chunk).
+    t, valid = _chunk_pos(k0, 0, bos, seqlen, REVERSE)
+    nu, nraw, nB, nC, nz = _raw_tiles(u_base, su_l, dt_base, sdt_l, B_base, sB_l, C_base, sC_l,
+                                      z_base, sz_l, t, dmask[:, None] & valid[None, :],
+                                      nmask[:, None] & valid[None, :], WRITE_OUT, HAS_Z)
     for c in range(T // 8):
         if WRITE_OUT:
             if c % (K // 8) == 0:
                 tl.store(ck_base + (c // (K // 8)) * dim * N, h, mask=tmask)
         t, valid = _chunk_pos(k0, c, bos, seqlen, REVERSE)
         m2 = dmask[:, None] & valid[None, :]
-        mn2 = nmask[:, None] & valid[None, :]
-        u, delta, x, Bt, pre = _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l, t, m2,
-                                            mn2, bias, HAS_BIAS, SOFTPLUS)
+        ru, rraw, rB, rC, rz = nu, nraw, nB, nC, nz
+        tn, valid_n = _chunk_pos(k0, c + 1, bos, seqlen, REVERSE)
+        nu, nraw, nB, nC, nz = _raw_tiles(u_base, su_l, dt_base, sdt_l, B_base, sB_l, C_base,
+                                          sC_l, z_base, sz_l, tn, dmask[:, None] & valid_n[None, :],
+                                          nmask[:, None] & valid_n[None, :], WRITE_OUT, HAS_Z)
+        u = ru.to(tl.float32)
+        delta = tl.where(m2, _delta_of(rraw.to(tl.float32), bias[:, None], HAS_BIAS, SOFTPLUS),
+                         0.0)
+        x = delta * u
         d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
-        B0, B1, B2, B3, B4, B5, B6, B7 = _split8(Bt)
+        B0, B1, B2, B3, B4, B5, B6, B7 = _split8(rB.to(tl.float32))
         if WRITE_OUT:
-            Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0).to(tl.float32)
-            C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct)
+            C0, C1, C2, C3, C4, C5, C6, C7 = _split8(rC.to(tl.float32))
             h, y0 = _fstep_y(h, A2, d0, x0, B0, C0)
             h, y1 = _fstep_y(h, A2, d1, x1, B1, C1)
             h, y2 = _fstep_y(h, A2, d2, x2, B2, C2)
@@ -214,8 +248,7 @@ def _fwd_kernel(
             if HAS_D:
                 y += Dv[:, None] * u
             if HAS_Z:
-                zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
-                zt = zt.to(tl.float32)
+                zt = rz.to(tl.float32)
                 y = y * zt * tl.sigmoid(zt)
             tl.store(o_base[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=m2)
         else:
@@ -275,6 +308,7 @@ def _bwd_local_kernel(
     sg_b, sg_d, sg_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sC_b, sC_g, sC_n, sC_l,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Adjoint at each segment's start (∂L/∂h just before it) from a zero adjoint at its end."""
     pid_d = tl.program_id(0)
@@ -298,7 +332,7 @@ def _bwd_local_kernel(
     C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
     mu = tl.zeros([BD, NP], dtype=tl.float32)
     k0 = s * T
-    for cc in range(T // 8):
+    for cc in tl.range(T // 8, num_stages=STAGES):
         t, valid = _chunk_pos(k0, T // 8 - 1 - cc, bos, seqlen, REVERSE)
         m2 = dmask[:, None] & valid[None, :]
         mn2 = nmask[:, None] & valid[None, :]
@@ -353,6 +387,7 @@ def _bwd_kernel(
     T: tl.constexpr, K: tl.constexpr, HAS_MU: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Gradients of one segment per work item; persistent grid (one scratch slot per program).
 
@@ -414,7 +449,7 @@ def _bwd_kernel(
             j = NSUB - 1 - jj
             h = tl.load(ck_base + j * dim * N, mask=tmask, other=0.0)
             # recompute h over the sub-chunk into scratch; ∂z needs the pre-gate y
-            for cl in range(K // 8):
+            for cl in tl.range(K // 8, num_stages=STAGES):
                 c = j * (K // 8) + cl
                 t, valid = _chunk_pos(k0, c, bos, seqlen, REVERSE)
                 m2 = dmask[:, None] & valid[None, :]
@@ -471,7 +506,7 @@ def _bwd_kernel(
                     tl.store(hb + 7 * TS, h)
             tl.debug_barrier()
             # adjoint backwards over the sub-chunk
-            for cc in range(K // 8):
+            for cc in tl.range(K // 8, num_stages=STAGES):
                 cl = K // 8 - 1 - cc
                 c = j * (K // 8) + cl
                 t, valid = _chunk_pos(k0, c, bos, seqlen, REVERSE)
@@ -558,24 +593,22 @@ class _Plan:
     """Launch geometry shared by forward and backward of one call."""
 
     def __init__(self, u: Tensor, A: Tensor, B: Tensor, cu_seqlens: Tensor | None):
-        import os
         batch, dim, L = u.shape
         self.dim, self.L, self.N = dim, L, A.shape[1]
         self.NP = triton.next_power_of_2(self.N)
         self.groups = 1 if B.dim() == 3 else B.shape[1]
         self.dpg = dim // self.groups
         # a block of channels must sit in one group (it shares one B_t, C_t)
-        self.BD = _pow2_divisor(self.dpg, int(os.environ.get("SEQLAB_BD", "16")))
+        self.BD = _pow2_divisor(self.dpg, 16)
         self.ndb = dim // self.BD
         if cu_seqlens is None:
             self.nseq, self.maxlen = batch, L
         else:
             lens = (cu_seqlens[1:] - cu_seqlens[:-1])
             self.nseq, self.maxlen = lens.numel(), max(int(lens.max()), 1)
-        # Enough segments to give every SM ~16 programs, each at least 64 steps long
+        # Enough segments to give every SM ~PROGRAMS_PER_SM programs, each at least 64 steps long
         # (segment passes cost a second exp per element) and at most 1024 (scratch slots).
-        import os
-        target = int(os.environ.get("SEQLAB_TGT", "16")) * _n_sm(u.device)
+        target = PROGRAMS_PER_SM * _n_sm(u.device)
         rows = self.nseq * self.ndb
         seg = triton.cdiv(self.maxlen, max(1, triton.cdiv(target, rows)))
         seg = min(max(seg, 64), 1024)
@@ -583,7 +616,8 @@ class _Plan:
             seg = self.maxlen
         self.T = triton.cdiv(seg, SUB_K) * SUB_K
         self.S = triton.cdiv(self.maxlen, self.T)
-        self.num_warps = int(os.environ.get("SEQLAB_NW", "1")) if self.BD * self.NP >= 128 else 1
+        self.stages = 1  # tl.range pipelining of the backward's loops: 2 measured ~4% faster once
+        self.num_warps = 1  # 1 warp per program measured faster than 2 or 4 (NOTES.md)
 
 
 def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, reverse, cu):
@@ -638,7 +672,7 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
     sB, sC = _bc_strides(B), _bc_strides(C)
     flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                  REVERSE=reverse, VARLEN=cu is not None, BD=BD, NP=NP,
-                 num_warps=plan.num_warps)
+                 num_warps=plan.num_warps, STAGES=plan.stages)
     biasv = delta_bias if delta_bias is not None else dummy
     if S == 1:
         muend, smu, has_mu = (dlast if dlast is not None else dummy), (dim * N, 0, N, 1), \
