@@ -607,7 +607,8 @@ class _Plan:
             lens = (cu_seqlens[1:] - cu_seqlens[:-1])
             self.nseq, self.maxlen = lens.numel(), max(int(lens.max()), 1)
         # Enough segments to give every SM ~PROGRAMS_PER_SM programs, each at least 64 steps long
-        # (segment passes cost a second exp per element) and at most 1024 (scratch slots).
+        # (segment passes cost a second exp per element) and at most 1024 (bounds unrolled work
+        # per program and the checkpoint count per segment).
         target = PROGRAMS_PER_SM * _n_sm(u.device)
         rows = self.nseq * self.ndb
         seg = triton.cdiv(self.maxlen, max(1, triton.cdiv(target, rows)))
