@@ -19,8 +19,8 @@ states saved by the forward, recomputing h inside each chunk.
 ``cu_seqlens`` keeps everything vectorised: at each packed sequence's first position the
 decay is set to 0 (the carried state is forgotten) and ``Ā * initial_state[i]`` is added to
 the input term; the adjoint picks up ``∂L/∂last_state[i]`` at each sequence's last position.
-Because h_t - Δ_t B_t u_t = Ā_t h_{t-1} holds with that injection too, the gradients of
-Δ and A never need the shifted state h_{t-1}.
+The gradients of Δ and A use Ā_t h_{t-1} from the recomputed states shifted by one step
+(with Ā h0 at sequence starts), not the cancelling identity Ā_t h_{t-1} = h_t - Δ_t B_t u_t.
 """
 from __future__ import annotations
 
@@ -180,6 +180,16 @@ def _scan_chunk_rev(a, lam, rho):
     return rho
 
 
+def _shift(h, first):
+    """h_{p-1} for every p of a (batch, G, Dg, Q, S, N) chunk; ``first`` is the state before it."""
+    Q = h.shape[3]
+    hp = torch.empty_like(h)
+    hp[:, :, :, 1:] = h[:, :, :, :Q - 1]
+    hp[:, :, :, 0, 1:] = h[:, :, :, Q - 1, :-1]
+    hp[:, :, :, 0, 0] = first
+    return hp
+
+
 # --------------------------------------------------------------------------- chunk pieces
 def _inputs(pb, p0, p1, u, delta, B4, C4, delta_bias):
     """Loads one chunk: Δ, u in layout (b, G, Dg, Q, S); B, C (b, G, 1, Q, S, N); and the
@@ -309,11 +319,15 @@ def _backward(g_out, g_last, saved, pb):
         w = lam * dtu[..., None]
         pb.put(dB, p0, p1, pb.bc_unlayout(w.sum(2)))
         lb = (lam * Bc).sum(-1)  # Σ_n λ B
-        # Ā_t h_{t-1} = h_t - Δ_t B_t u_t: the decayed previous state without a shift.
-        torch.sub(h, dtu[..., None] * Bc, out=h)
-        h.mul_(lam)
-        ddt = lb * uu + (h * A3).sum(-1)
-        dA += (h * dt[..., None]).sum((0, 3, 4))
+        # λ_t Ā_t h_{t-1}, from h shifted one step in scan order. (The identity
+        # Ā_t h_{t-1} = h_t - Δ_t B_t u_t would avoid the shift but cancels when Ā is small.)
+        hp = _shift(h, starts[k].reshape(b, G, Dg, N)).mul_(a)
+        if a_st is not None and h0c is not None:
+            idx = pb.starts[k]
+            hp[:, :, :, idx[1], idx[2], :] = a_st * _from_seq(h0c[idx[0]], pb)
+        hp.mul_(lam)
+        ddt = lb * uu + (hp * A3).sum(-1)
+        dA += (hp * dt[..., None]).sum((0, 3, 4))
         duu = lb * dt
         if Dc is not None:
             dD += (pb.from_layout(gy * uu)).sum((0, 2))
@@ -322,7 +336,9 @@ def _backward(g_out, g_last, saved, pb):
         # Padded steps see λ (∂last_state flows through them) but are not real positions.
         ddt = pb.from_layout(ddt)[..., :p1 - p0]
         if x is not None:
-            ddt = ddt * torch.sigmoid(x[..., :p1 - p0])
+            # torch's softplus is the identity above 20, so its derivative there is exactly 1.
+            x = x[..., :p1 - p0]
+            ddt = ddt * torch.where(x > 20, 1.0, torch.sigmoid(x))
         if dbias is not None:
             dbias += ddt.sum((0, 2))
         pb.put(ddelta, p0, p1, ddt)
