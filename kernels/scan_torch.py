@@ -30,10 +30,10 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 # Chosen by measurement with torch.set_num_threads(2) on the 2-core dev box at (batch 2, dim
-# 256, L 1024, N 16, float32, softplus, D, z, bias): forward+backward took 0.11 s at 128/4,
-# 0.12 s at 128/8, 0.13-0.15 s at 256/8 and 64/8 on a quiet machine (the reference loop: 58-90
-# s). Smaller tiles stay in cache; Q = 4 keeps the strided step loop short. CHUNK is rounded
-# down to a multiple of SEG.
+# 256, L 1024, N 16, float32, softplus, D, z, bias): forward+backward took 0.16 s at 128/4,
+# 0.19 s at 128/8 and 0.18 s at 256/4 (forward alone 0.045-0.05 s) on a lightly loaded
+# machine; the reference loop takes 58-90 s. Smaller tiles stay in cache; Q = 4 keeps the
+# strided step loop short. CHUNK is rounded down to a multiple of SEG.
 DEFAULT_CHUNK = 128
 DEFAULT_SEG = 4
 
