@@ -180,6 +180,11 @@ def test_long_sequence_decays_to_zero(dtype, rng_seed):
     underflows to 0 in float32, and nothing may turn into NaN or drift."""
     c = Case(batch=1, dim=4, L=1500, N=4, dtype=dtype, chunk=DEFAULT_CHUNK, seg=DEFAULT_SEG)
     check_against_reference(c, dt_scale=4.0)
+    x = make_inputs(c, dt_scale=4.0)
+    _, last = _scan(x, c)
+    _, last0 = _scan({**x, "initial_state": torch.zeros_like(x["initial_state"])}, c)
+    assert torch.isfinite(last).all()
+    torch.testing.assert_close(last, last0, rtol=1e-6, atol=1e-6)  # the start is forgotten
 
 
 def _scan(x, c, **kw):
