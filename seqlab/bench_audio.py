@@ -1,0 +1,161 @@
+"""Audio benchmark: decoding samples/s and training tokens/s of the ~6M-parameter audio model.
+
+    python -m seqlab.bench_audio                      # GPU: the full table
+    python -m seqlab.bench_audio --device cpu --quick # tiny sizes, a smoke test (seconds)
+    python -m seqlab.bench_audio --json bench.json    # also write the rows as JSON
+
+Model: recipes/model/audio6m.yaml (d_model 256, 14 layers, d_state 16) over the 256 mu-law
+codes. Rows:
+  * generation at batch 1 (CUDA-graph decode step) and batch 64: generated samples per second,
+    all sequences together, timed around :func:`seqlab.generation.generate` from a one-code
+    prompt (the prefill and the graph capture included, after one untimed warm-up call).
+  * training at length 16000, batch 16, bf16 autocast: tokens/s of forward + backward + AdamW
+    step through the train_audio loss (:func:`seqlab.jobs.audio.code_nll`).
+Peer figures are mamba_ssm 2.3.2 on one H200; targets are 16 kHz real time at batch 1 and
+the peer figure at batch 64.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from .model import MambaConfig, MambaLM
+
+PEERS = {"gen_b1": 3495.0, "gen_b64": 108967.0}
+TARGETS = {"gen_b1": 16000.0, "gen_b64": 108967.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(d_model: int, n_layer: int, device: torch.device, dtype: torch.dtype) -> MambaLM:
+    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, d_state=16, vocab_size=256)
+    return MambaLM(cfg, device=device, dtype=dtype).eval()
+
+
+def bench_generate(model: MambaLM, batch: int, new_tokens: int, device: torch.device,
+                   cuda_graph: bool) -> float:
+    """Generated samples/s (batch * new_tokens / wall seconds) after one warm-up call."""
+    from .generation import generate
+    prompt = torch.full((batch, 1), 128, dtype=torch.long, device=device)
+    generate(model, prompt, min(new_tokens, 64), seed=0, cuda_graph=cuda_graph)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    generate(model, prompt, new_tokens, seed=0, cuda_graph=cuda_graph)
+    _sync(device)
+    return batch * new_tokens / (time.perf_counter() - t0)
+
+
+def bench_train(d_model: int, n_layer: int, batch: int, length: int, steps: int,
+                device: torch.device, bf16: bool) -> tuple[float, float]:
+    """(tokens/s, peak GiB) of full training steps at (batch, length) after two warm-up steps."""
+    from .jobs.audio import AudioBatch, code_nll
+    model = build(d_model, n_layer, device, torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 256, (batch, length), generator=g)
+    ids = torch.cat([torch.full((batch, 1), 128), targets[:, :-1]], dim=1)
+    b = AudioBatch(ids, targets, torch.full((batch,), length)).to(device)
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else \
+        (lambda: torch.autocast(device.type, enabled=False))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with ctx():
+            loss, _ = code_nll(model, b)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    return batch * length * steps / dt, peak
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    if args.quick:
+        d_model, n_layer, gen_tokens, b_big, t_len, t_batch, t_steps = 32, 2, 64, 4, 512, 2, 1
+    else:
+        d_model, n_layer = args.d_model, args.n_layer
+        gen_tokens, b_big, t_len, t_batch, t_steps = args.gen_tokens, 64, 16000, 16, args.train_steps
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.gen_dtype]
+    if device.type == "cpu" and dtype != torch.float32:
+        dtype = torch.float32  # CPU decoding in low precision is slower, not faster
+    graphs = device.type == "cuda"
+    model = build(d_model, n_layer, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = [
+        {"name": "gen_b1", "what": f"generate, batch 1{' (CUDA graph)' if graphs else ''}",
+         "unit": "samples/s", "value": bench_generate(model, 1, gen_tokens, device, graphs)},
+        {"name": "gen_b64", "what": f"generate, batch {b_big}{' (CUDA graph)' if graphs else ''}",
+         "unit": "samples/s", "value": bench_generate(model, b_big, gen_tokens, device, graphs)},
+    ]
+    del model
+    tok, peak = bench_train(d_model, n_layer, t_batch, t_len, t_steps, device,
+                            bf16=device.type == "cuda")
+    rows.append({"name": "train", "what": f"train, length {t_len}, batch {t_batch}"
+                 f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}",
+                 "unit": "tokens/s", "value": tok, "peak_gib": peak})
+    for r in rows:
+        r["peer"] = PEERS.get(r["name"])
+        r["target"] = TARGETS.get(r["name"])
+        r["meets_target"] = None if r["target"] is None else bool(r["value"] >= r["target"])
+    header = (f"seqlab audio benchmark: d_model {d_model}, {n_layer} layers, "
+              f"{n_params / 1e6:.2f}M parameters, {device}"
+              f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+              f"decode dtype {str(dtype).replace('torch.', '')}, {gen_tokens} new samples per call"
+              f"{' [--quick sizes]' if args.quick else ''}")
+    print(header)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=2)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def num(x):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.0f}"
+    lines = [f"{'measurement':<44} {'seqlab':>12} {'mamba_ssm H200':>15} {'target':>10}  unit      met",
+             "-" * 100]
+    for r in rows:
+        met = "-" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
+        lines.append(f"{r['what']:<44} {num(r['value']):>12} {num(r['peer']):>15} "
+                     f"{num(r['target']):>10}  {r['unit']:<9} {met}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m seqlab.bench_audio", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test on CPU)")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=14)
+    p.add_argument("--gen-tokens", type=int, default=8000,
+                   help="new samples per sequence in each timed generate() call")
+    p.add_argument("--gen-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype for decoding (CPU always float32)")
+    p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
