@@ -6,7 +6,7 @@ trigger of induction heads). Evaluation draws from a held-out seed stream (``dat
 The length-extrapolation evaluation runs the model as a recurrence: the input goes through
 ``backbone(chunk, cache=cache)`` chunk by chunk (a prefill that carries the SSM and conv state),
 and the LM head is applied only to the hidden states at answer positions, so memory depends on
-the chunk size, not on the length (2^20 tokens fit on a laptop).
+the batch and chunk sizes, not on the sequence length.
 """
 from __future__ import annotations
 
