@@ -170,7 +170,7 @@ def embed_and_probe_species(cfg, model, manifest, test_ds, run: RunDir, device) 
         m = test_ds.meta(i)
         items.append((ids.numpy(), {**m, "label": label, "group": Path(m["file"]).name}))
     vecs = embed_windows(PooledBackbone(model), items, device, cfg.eval_batch_size,
-                         progress=cfg.trainer.progress)
+                         progress=cfg.trainer.get("progress", True))
     info = {"checkpoint": str(run.ckpt_dir), "window": int(cfg.data.window),
             "seqlab_version": __version__, "pooling": cfg.head.pooling, "split": "test"}
     out = save_embeddings(run.path / "embeddings_test.npz",
