@@ -166,7 +166,7 @@ def test_job_end_to_end(tmp_path):
         "trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.eval_every=2",
         "trainer.warmup_steps=1", "eval.n_samples=8", "eval.batch_size=8",
         "eval.extrapolate=[4]", "eval.extrapolate_samples=4", "eval.chunk=5",
-        "+trainer.progress=false"])
+        "trainer.progress=false"])
     summary = run_job(cfg)
     run = tmp_path / "run"
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
@@ -192,7 +192,7 @@ def one_thread():
 def _train(tmp_path, recipe, overrides):
     from seqlab.cli import compose, run_job
     cfg = compose(recipe, [f"run_dir={tmp_path / 'run'}", "trainer.eval_every=0",
-                           "trainer.ckpt_every=0", "+trainer.progress=false", *overrides])
+                           "trainer.ckpt_every=0", "trainer.progress=false", *overrides])
     t0, c0 = time.time(), time.process_time()
     summary = run_job(cfg)
     print(f"{recipe} {overrides}: val_acc {summary['val_acc']:.3f} after {summary['step']} "
