@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed as D
+from .model.backbone import param_groups
 from .utils import atomic_directory, atomic_write_json, atomic_write_text, resolve_device
 
 log = logging.getLogger("seqlab.train")
@@ -186,21 +187,6 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- optimizer
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for parameters flagged ``_no_weight_decay`` (A_log, D), biases
-    and 1-D parameters (norms)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if getattr(p, "_no_weight_decay", False) or p.dim() < 2:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
 def lr_at(step: int, cfg: TrainerConfig) -> float:
     """Linear warm-up then cosine decay to lr * min_lr_ratio at max_steps."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
