@@ -152,6 +152,19 @@ class Backbone(nn.Module):
         return self.norm_f(residual.to(self._out_dtype()))
 
 
+def make_lm_head(config: MambaConfig, backbone: "Backbone", device=None, dtype=None) -> nn.Module:
+    """d_model -> padded vocab logits; RC-equivariant when the backbone is, and tied to the
+    embedding when config.tie_embeddings."""
+    V = config.padded_vocab_size
+    if config.rc_equivariant:
+        head = RCLMHead(config.d_model, V, device=device, dtype=dtype)
+    else:
+        head = nn.Linear(config.d_model, V, bias=False, device=device, dtype=dtype)
+    if config.tie_embeddings:
+        head.weight = backbone.embedding.weight
+    return head
+
+
 class MambaLM(nn.Module):
     """Causal byte LM: ids (batch, L) -> logits (batch, L, padded_vocab_size).
 
@@ -162,13 +175,7 @@ class MambaLM(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config, device=device, dtype=dtype)
-        V = config.padded_vocab_size
-        if config.rc_equivariant:
-            self.lm_head = RCLMHead(config.d_model, V, device=device, dtype=dtype)
-        else:
-            self.lm_head = nn.Linear(config.d_model, V, bias=False, device=device, dtype=dtype)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
+        self.lm_head = make_lm_head(config, self.backbone, device=device, dtype=dtype)
 
     def forward(self, ids: Tensor, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 cache: list | None = None) -> Tensor:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .backbone import Backbone
+from .backbone import Backbone, make_lm_head
 from .config import MambaConfig
 from .mixer import length_mask
-from .rc import RCLMHead, conjoin_rc
+from .rc import conjoin_rc
 
 Tensor = torch.Tensor
 POOLINGS = ("mean", "max", "first", "last")
@@ -97,13 +97,7 @@ class MaskedLM(nn.Module):
                              "see the context right of a masked token)")
         self.config = config
         self.backbone = Backbone(config, device=device, dtype=dtype)
-        V = config.padded_vocab_size
-        if config.rc_equivariant:
-            self.lm_head = RCLMHead(config.d_model, V, device=device, dtype=dtype)
-        else:
-            self.lm_head = nn.Linear(config.d_model, V, bias=False, device=device, dtype=dtype)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
+        self.lm_head = make_lm_head(config, self.backbone, device=device, dtype=dtype)
 
     def forward(self, ids: Tensor, lengths: Tensor | None = None,
                 cu_seqlens: Tensor | None = None) -> Tensor:
