@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..model.config import MambaConfig
 from ..train import RunDir, Trainer, TrainerConfig
-from ..utils import repo_root
+from ..utils import atomic_write_json, repo_root
 
 log = logging.getLogger("seqlab")
 
@@ -56,3 +57,21 @@ def print_summary(title: str, summary: dict, run: RunDir) -> None:
         elif isinstance(v, (int, str)):
             lines.append(f"  {k}: {v}")
     print("\n".join(lines), flush=True)
+
+
+@contextmanager
+def tracked_run(cfg: DictConfig):
+    """Run directory of a job without training: writes config.yaml and status "running", yields
+    (run, summary dict to fill); on success writes summary.json then status "completed", on any
+    error status "failed" with the error, so a broken run never looks complete."""
+    run = RunDir(cfg.run_dir)
+    run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    run.set_status("running")
+    summary: dict = {}
+    try:
+        yield run, summary
+        atomic_write_json(run.path / "summary.json", summary)
+        run.set_status("completed")
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .. import __version__
 from ..data.genome import Genome
@@ -18,7 +18,7 @@ from ..model.config import MambaConfig
 from ..plots import plot_confusion_matrix
 from ..train import RunDir, load_weights
 from ..utils import atomic_write_json, resolve_device
-from .common import print_summary, resolve_path
+from .common import print_summary, resolve_path, tracked_run
 from .species import _checkpoint_dir
 
 log = logging.getLogger("seqlab")
@@ -108,10 +108,7 @@ def _to_embeddings(vecs, items, classes, info) -> Embeddings:
 
 
 def embed(cfg: DictConfig) -> dict:
-    run = RunDir(cfg.run_dir)
-    run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    run.set_status("running")
-    try:
+    with tracked_run(cfg) as (run, summary):
         device = resolve_device(cfg.get("device", "auto"))
         model, spec, ckpt = load_run_model(cfg.checkpoint, device)
         items, classes, window = _windows_from_cfg(cfg, spec)
@@ -123,12 +120,7 @@ def embed(cfg: DictConfig) -> dict:
                 "architecture": spec.get("architecture"), "pooling": spec.get("pooling", "mean")}
         out = Path(cfg.get("output") or run.path / "embeddings.npz")
         save_embeddings(out, _to_embeddings(vecs, items, classes, info))
-        summary = {"embeddings": str(out), "n": len(items), "dim": int(vecs.shape[1])}
-        atomic_write_json(run.path / "summary.json", summary)
-        run.set_status("completed")
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        summary.update({"embeddings": str(out), "n": len(items), "dim": int(vecs.shape[1])})
     print_summary("embed", summary, run)
     return summary
 
@@ -147,17 +139,9 @@ def _probe_and_report(emb: Embeddings, pcfg, run: RunDir, title: str) -> dict:
 
 
 def probe(cfg: DictConfig) -> dict:
-    run = RunDir(cfg.run_dir)
-    run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    run.set_status("running")
-    try:
+    with tracked_run(cfg) as (run, summary):
         emb = load_embeddings(resolve_path(cfg.embeddings, what="embeddings file"))
-        summary = _probe_and_report(emb, cfg.probe, run, Path(cfg.embeddings).name)
-        atomic_write_json(run.path / "summary.json", summary)
-        run.set_status("completed")
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        summary.update(_probe_and_report(emb, cfg.probe, run, Path(cfg.embeddings).name))
     print_summary("probe", summary, run)
     return summary
 
