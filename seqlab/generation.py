@@ -3,10 +3,20 @@
 The model must provide ``allocate_cache(batch, dtype)``, ``forward(ids, cache=cache)``
 (prefill, returns logits (batch, P, V)) and ``step(ids_t, cache)`` (returns logits (batch, V));
 :class:`seqlab.model.MambaLM` does. Decoding costs O(1) per token: one ``step`` on fixed-size
-states, never a pass over the prefix. On CUDA the step is captured once as a CUDA graph and
-replayed, which removes the per-kernel launch overhead that dominates small-batch decoding.
+states, never a pass over the prefix.
+
+Sampling is Gumbel-max: the next id is argmax(logits / temperature + g) with g standard Gumbel
+noise drawn from the call's seeded generator, which samples exactly softmax(logits /
+temperature) (restricted by top_k / top_p) and needs no random-number generation inside the
+decoding loop. Tokens are decoded in chunks of ``CHUNK`` steps; on CUDA a chunk (model steps,
+picks, token writes) is one CUDA graph, captured once per (model, batch, sampling settings)
+and reused by later calls, which removes the per-kernel launch overhead that dominates
+small-batch decoding.
 """
 from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -15,16 +25,20 @@ from tqdm.auto import tqdm
 Tensor = torch.Tensor
 
 
-def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
-    """logits (batch, V) -> next ids (batch,) long. Greedy when temperature == 0 or top_k == 1.
+CHUNK = 16  # decoding steps per chunk (one CUDA graph replay)
+_MAX_CACHED = 4  # decoders (graphs + caches) kept per model
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 
-    top_k > 0 keeps the k most likely ids; top_p < 1 keeps the smallest set of most likely ids
-    whose probability reaches top_p (nucleus sampling; the most likely id is always kept).
-    """
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
+
+def gumbel_noise(shape, generator: torch.Generator | None, device) -> Tensor:
+    """Standard Gumbel samples -log(-log(U)), float32, drawn from ``generator``."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return u.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
+
+
+def restrict(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """-inf outside the top_k most likely ids and outside the nucleus of mass top_p (the
+    smallest set of most likely ids whose probability reaches top_p; the best id stays)."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -35,33 +49,108 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
 
 
-class _GraphedStep:
-    """The model's step captured as a CUDA graph on static input/output/cache buffers."""
+def _greedy(temperature: float, top_k: int) -> bool:
+    return temperature == 0 or top_k == 1
 
-    def __init__(self, model: nn.Module, cache: list, ids_t: Tensor, warmup: int = 2):
-        self.ids = ids_t.clone()
-        # Warm-up runs execute for real and would advance the cache: save and restore it.
-        saved = [t.clone() for layer in cache for t in layer]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                model.step(self.ids, cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.step(self.ids, cache)
-        for dst, src in zip((t for layer in cache for t in layer), saved):
-            dst.copy_(src)
 
-    def __call__(self, ids_t: Tensor) -> Tensor:
-        self.ids.copy_(ids_t)
-        self.graph.replay()
-        return self.logits
+def pick(logits: Tensor, noise: Tensor | None, temperature: float = 1.0, top_k: int = 0,
+         top_p: float = 1.0) -> Tensor:
+    """Next ids (batch,) long from logits (batch, V) and Gumbel noise (batch, V) (None when
+    greedy): argmax(restrict(logits * (1 / temperature)) + noise)."""
+    if _greedy(temperature, top_k):
+        return logits.argmax(-1)
+    x = restrict(logits.float() * (1.0 / temperature), top_k, top_p)
+    return (x + noise).argmax(-1)
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """logits (batch, V) -> next ids (batch,) long. Greedy when temperature == 0 or top_k == 1.
+
+    top_k > 0 keeps the k most likely ids; top_p < 1 keeps the smallest set of most likely ids
+    whose probability reaches top_p (nucleus sampling; the most likely id is always kept).
+    """
+    noise = None if _greedy(temperature, top_k) else gumbel_noise(logits.shape, generator,
+                                                                  logits.device)
+    return pick(logits, noise, temperature, top_k, top_p)
+
+
+class _Decoder:
+    """Fixed buffers (cache, current ids, noise, chunk output) and, on CUDA, the CUDA graph of
+    ``CHUNK`` decoding steps over them."""
+
+    def __init__(self, model: nn.Module, batch: int, dtype, device, vocab: int,
+                 temperature: float, top_k: int, top_p: float, cuda_graph: bool):
+        self.model, self.vocab = model, vocab
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.cache = model.allocate_cache(batch, dtype)
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.out = torch.zeros(batch, CHUNK, dtype=torch.long, device=device)
+        self.noise = None if _greedy(temperature, top_k) else \
+            torch.zeros(CHUNK, batch, vocab, dtype=torch.float32, device=device)
+        # One launch per pick on CUDA when no top-k / top-p masking is asked for.
+        self.fused_pick = device.type == "cuda" and top_k == 0 and top_p >= 1.0
+        self.graph = None
+        if cuda_graph:
+            saved = [t.clone() for layer in self.cache for t in layer]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._steps()  # compiles the kernels; advances the cache (restored below)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._steps()
+            for dst, src in zip((t for layer in self.cache for t in layer), saved):
+                dst.copy_(src)
+
+    def _steps(self, n: int = CHUNK):
+        for s in range(n):
+            logits = self.model.step(self.ids, self.cache)
+            noise = None if self.noise is None else self.noise[s]
+            if self.fused_pick:
+                from seqlab.kernels.mixer_step_triton import pick_step
+                inv = 1.0 if self.noise is None else 1.0 / self.temperature
+                pick_step(logits, noise, inv, self.ids, self.out, s, self.vocab)
+            else:
+                nxt = pick(logits[:, :self.vocab], noise, self.temperature, self.top_k, self.top_p)
+                self.out[:, s] = nxt
+                self.ids.copy_(nxt)
+
+    def reset(self):
+        for layer in self.cache:
+            for t in layer:
+                t.zero_()
+
+    def chunk(self, gen: torch.Generator, n: int = CHUNK) -> Tensor:
+        """Advance n <= CHUNK steps from self.ids (a graph always runs CHUNK) and return the
+        (batch, CHUNK) picked ids, of which the first n are valid (a view, reused)."""
+        if self.noise is not None:
+            self.noise.copy_(gumbel_noise(self.noise.shape, gen, self.noise.device))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._steps(n)
+        return self.out
+
+
+def _decoder(model, batch, dtype, device, vocab, temperature, top_k, top_p, cuda_graph) -> _Decoder:
+    """A cached decoder for these settings (graphs are captured once, then replayed)."""
+    params = tuple(p.data_ptr() for p in model.parameters())  # a moved/reloaded model recaptures
+    key = (batch, dtype, str(device), vocab, float(temperature), int(top_k), float(top_p),
+           bool(cuda_graph), getattr(model.config, "scan_impl", None), params)
+    per_model = _DECODERS.setdefault(model, OrderedDict())
+    dec = per_model.get(key)
+    if dec is None:
+        dec = _Decoder(model, batch, dtype, device, vocab, temperature, top_k, top_p, cuda_graph)
+        per_model[key] = dec
+        while len(per_model) > _MAX_CACHED:
+            per_model.popitem(last=False)
+    per_model.move_to_end(key)
+    return dec
 
 
 @torch.inference_mode()
@@ -75,7 +164,8 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
         prompt_ids: (batch, P) long, P >= 1 (start from BOS 258 for an unconditional sample).
         max_new_tokens: tokens to append.
         temperature, top_k, top_p: see :func:`sample_next`; temperature 0 or top_k 1 is greedy.
-        seed: seeds a private torch.Generator, so equal seeds give equal samples.
+        seed: seeds a private torch.Generator, so equal seeds give equal samples (on one
+            device; eager and CUDA-graph decoding draw the same noise).
         cuda_graph: "auto" (on for CUDA tensors), True, or False.
         progress: show a tqdm bar over the new tokens.
 
@@ -88,13 +178,13 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
                          f"{tuple(prompt_ids.shape)}; start from the BOS id 258 for no prompt")
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature={temperature} must be >= 0")
     device = prompt_ids.device
     if cuda_graph == "auto":
         cuda_graph = device.type == "cuda"
     elif cuda_graph and device.type != "cuda":
         raise ValueError(f"generate: cuda_graph=True needs CUDA tensors, prompt is on {device}")
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
 
     model.eval()
     batch, P = prompt_ids.shape
@@ -108,21 +198,26 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
     else:
         gen.manual_seed(seed)
 
+    config = getattr(model, "config", None)
     dtype = next(model.parameters()).dtype
-    cache = model.allocate_cache(batch, dtype)
-    logits = model(prompt_ids, cache=cache)[:, -1]  # (batch, V)
-    stepper = None
-    for t in tqdm(range(max_new_tokens), disable=not progress, desc="generate"):
-        if vocab is not None:
-            logits = logits[:, :vocab]
-        nxt = sample_next(logits, temperature, top_k, top_p, gen)
-        out[:, P + t] = nxt
-        if t == max_new_tokens - 1:
-            break
-        if cuda_graph:
-            if stepper is None:
-                stepper = _GraphedStep(model, cache, nxt)
-            logits = stepper(nxt)
-        else:
-            logits = model.step(nxt, cache)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        raise ValueError("generate: the model needs config.vocab_size")
+    bar = tqdm(total=max_new_tokens, disable=not progress, desc="generate")
+    dec = _decoder(model, batch, dtype, device, vocab, temperature, top_k, top_p, bool(cuda_graph))
+    dec.reset()
+    # The first new id comes from the prefill's last logits; the rest from chunks of steps.
+    logits = model(prompt_ids, cache=dec.cache)[:, -1, :vocab]
+    noise = None if _greedy(temperature, top_k) else gumbel_noise(logits.shape, gen, device)
+    first = pick(logits, noise, temperature, top_k, top_p)
+    out[:, P] = first
+    dec.ids.copy_(first)
+    bar.update(1)
+    done = 1
+    while done < max_new_tokens:
+        n = min(CHUNK, max_new_tokens - done)
+        out[:, P + done:P + done + n] = dec.chunk(gen, n)[:, :n]
+        done += n
+        bar.update(n)
+    bar.close()
     return out

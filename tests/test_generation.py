@@ -71,3 +71,35 @@ def test_cuda_graph_decoding_equals_eager():
     eager = generate(m, prompt, 16, seed=3, cuda_graph=False)
     graphed = generate(m, prompt, 16, seed=3, cuda_graph=True)
     assert torch.equal(eager, graphed)
+
+
+def test_decoders_are_reused_across_calls_and_chunks_are_seamless(rng_seed):
+    from seqlab.generation import CHUNK, _DECODERS
+    m = tiny_lm()
+    prompt = torch.randint(0, 256, (2, 3))
+    n = 2 * CHUNK + 5  # crosses chunk boundaries
+    a = generate(m, prompt, n, temperature=0)
+    b = generate(m, prompt, n, temperature=0)
+    assert torch.equal(a, b) and len(_DECODERS[m]) == 1
+    with torch.no_grad():
+        logits = m(a)[:, 2:-1, :260]
+    assert torch.equal(a[:, 3:], logits.argmax(-1))  # greedy == argmax of the full forward
+    generate(m, prompt, 3, temperature=0.5, seed=1)
+    assert len(_DECODERS[m]) == 2  # other sampling settings: another decoder
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how", [dict(temperature=0.0), dict(temperature=1.0),
+                                 dict(temperature=0.8, top_p=0.9)])
+def test_fused_cuda_graph_decoding_equals_eager(how):
+    from seqlab.kernels import last_impl
+    torch.manual_seed(0)
+    m = MambaLM(MambaConfig(d_model=64, n_layer=3, vocab_size=256), device="cuda",
+                dtype=torch.bfloat16)
+    prompt = torch.randint(0, 256, (3, 5), device="cuda")
+    eager = generate(m, prompt, 40, seed=3, cuda_graph=False, **how)
+    assert last_impl("lm_step") == "fused_triton"
+    graphed = generate(m, prompt, 40, seed=3, cuda_graph=True, **how)
+    again = generate(m, prompt, 40, seed=3, cuda_graph=True, **how)  # replays the cached graph
+    assert torch.equal(eager, graphed) and torch.equal(graphed, again)
+    assert eager.max() < 256

@@ -185,7 +185,23 @@ class MambaLM(nn.Module):
         return self.backbone.allocate_cache(batch, dtype, device)
 
     def step(self, ids_t: Tensor, cache: list) -> Tensor:
-        """ids_t (batch,) -> logits (batch, padded_vocab_size) for the next token."""
+        """ids_t (batch,) -> logits (batch, padded_vocab_size) for the next token.
+
+        Uses the fused Triton step (two kernels per layer, float32 logits) where it applies
+        (see :func:`seqlab.model.decode.fused_step_reason`), else the per-op path;
+        ``seqlab.kernels.last_impl("lm_step")`` says which ran ("fused_triton" / "per_op").
+        """
+        from seqlab.kernels import api as kernel_api
+
+        from .decode import fused_lm_step, fused_step_reason
+        if fused_step_reason(self, ids_t.device) is None:
+            kernel_api._last_impl["lm_step"] = "fused_triton"
+            return fused_lm_step(self, ids_t, cache)
+        kernel_api._last_impl["lm_step"] = "per_op"
+        return self.step_per_op(ids_t, cache)
+
+    def step_per_op(self, ids_t: Tensor, cache: list) -> Tensor:
+        """The reference step: one module call per operation (any configuration, any device)."""
         return self.lm_head(self.backbone.step(ids_t, cache))
 
 

@@ -1,0 +1,382 @@
+"""Fused one-token decoding of a whole Mamba layer in two Triton kernels, plus the LM head.
+
+Small-batch decoding is bound by kernel launches, not arithmetic: the per-op step of a layer
+(add, norm, in_proj, conv-state roll, conv, SiLU, x_proj, dt_proj, state update, gate,
+out_proj, ...) is 20-30 launches. Here a layer is two:
+
+``mixer_in_step``  (grid: d_inner blocks x batch blocks)
+    hidden = sum of the previous layer's out_proj partials (or the embedding rows of the ids)
+    residual = hidden + residual            (float32; written once, by the first block)
+    xn = norm(residual)                     (RMSNorm or LayerNorm, float32 statistics)
+    x_in, z = in_proj(xn)                   (this block's d_inner channels of both halves)
+    conv_state <- [conv_state[1:], x_in];  x = silu(<conv_state, w> + b)   (in place)
+``mixer_out_step`` (grid: d_inner blocks x batch blocks)
+    dt_low, B, C = x_proj(x)                (a full reduction over d_inner: every block
+                                             recomputes it, cheap at decode sizes)
+    dt = softplus(dt_proj(dt_low) + bias);  h <- exp(dt A) h + dt B x   (in place)
+    y = (<C, h> + D x) * silu(z);  partial[block] = out_proj(y restricted to the block)
+
+The next layer sums the partials in a fixed order (deterministic, no atomics). ``head_step``
+is ``mixer_in_step`` without the conv: final norm, then logits = lm_head(xn).
+
+Batches under 16 rows use broadcast-and-reduce products (one row per program); 16 rows or
+more use ``tl.dot`` tiles. Accumulation is float32 throughout; the inputs of each matrix
+product are rounded to the weights' dtype as the per-op path does.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot_t(a, b, PREC: tl.constexpr, F32: tl.constexpr):
+    """a @ b.T with float32 accumulation; F32 promotes the operands first (the Triton
+    interpreter mis-multiplies bfloat16 tiles; the values are exact in float32)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    return tl.dot(a, tl.trans(b), input_precision=PREC)
+
+
+@triton.jit
+def _hidden_tile(parts_ptr, P, s_pp, s_pb, res_ptr, ids_ptr, emb_ptr, s_eb, offs_b, bmask,
+                 offs_k, kmask, Dm, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr,
+                 BB: tl.constexpr, BK: tl.constexpr):
+    """(BB, BK) float32 slice of hidden + residual for rows offs_b, columns offs_k."""
+    m = bmask[:, None] & kmask[None, :]
+    ob = offs_b.to(tl.int64)
+    if FROM_IDS:
+        ids = tl.load(ids_ptr + offs_b, mask=bmask, other=0).to(tl.int64)
+        h = tl.load(emb_ptr + ids[:, None] * s_eb + offs_k[None, :], mask=m,
+                    other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BB, BK], dtype=tl.float32)
+        for p in range(P):
+            h += tl.load(parts_ptr + p * s_pp + ob[:, None] * s_pb + offs_k[None, :], mask=m,
+                         other=0.0)
+    if HAS_RES:
+        h += tl.load(res_ptr + ob[:, None] * Dm + offs_k[None, :], mask=m, other=0.0)
+    return h
+
+
+@triton.jit
+def _in_kernel(
+    parts_ptr, P, s_pp, s_pb, res_in_ptr, res_out_ptr, ids_ptr, emb_ptr, s_eb,
+    nw_ptr, nb_ptr, eps, w_ptr, s_wr, wb_ptr,
+    cs_ptr, s_cb, s_ce, s_ck, cw_ptr, s_cwe, s_cwk, cb_ptr,
+    o1_ptr, o2_ptr, batch, Dm, E,
+    HEAD: tl.constexpr, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr, IS_RMS: tl.constexpr,
+    HAS_NB: tl.constexpr, HAS_WB: tl.constexpr, HAS_CB: tl.constexpr, K: tl.constexpr,
+    KP: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_b = pid_b * BB + tl.arange(0, BB)
+    bmask = offs_b < batch
+    ob = offs_b.to(tl.int64)
+    offs_e = pid_e * BE + tl.arange(0, BE)
+    emask = offs_e < E
+    oe = offs_e.to(tl.int64)
+    wdt = w_ptr.dtype.element_ty
+
+    # Pass 1: row statistics; the first block also writes the new residual.
+    s1 = tl.zeros([BB], dtype=tl.float32)
+    s2 = tl.zeros([BB], dtype=tl.float32)
+    for k0 in range(0, Dm, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < Dm
+        h = _hidden_tile(parts_ptr, P, s_pp, s_pb, res_in_ptr, ids_ptr, emb_ptr, s_eb, offs_b,
+                         bmask, offs_k, kmask, Dm, FROM_IDS, HAS_RES, BB, BK)
+        if not HEAD:
+            if pid_e == 0:
+                tl.store(res_out_ptr + ob[:, None] * Dm + offs_k[None, :], h,
+                         mask=bmask[:, None] & kmask[None, :])
+        s1 += tl.sum(h, axis=1)
+        s2 += tl.sum(h * h, axis=1)
+    if IS_RMS:
+        mean = tl.zeros([BB], dtype=tl.float32)
+        rstd = 1.0 / tl.sqrt(s2 / Dm + eps)
+    else:
+        mean = s1 / Dm
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / Dm - mean * mean, 0.0) + eps)
+
+    # Pass 2: normalise and multiply by this block's rows of the weight (both halves).
+    acc1 = tl.zeros([BB, BE], dtype=tl.float32)
+    acc2 = tl.zeros([BB, BE], dtype=tl.float32)
+    for k0 in range(0, Dm, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < Dm
+        h = _hidden_tile(parts_ptr, P, s_pp, s_pb, res_in_ptr, ids_ptr, emb_ptr, s_eb, offs_b,
+                         bmask, offs_k, kmask, Dm, FROM_IDS, HAS_RES, BB, BK)
+        nw = tl.load(nw_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
+        xn = (h - mean[:, None]) * rstd[:, None] * nw[None, :]
+        if HAS_NB:
+            xn += tl.load(nb_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        xn = xn.to(wdt)
+        wm = emask[:, None] & kmask[None, :]
+        w1 = tl.load(w_ptr + oe[:, None] * s_wr + offs_k[None, :], mask=wm, other=0.0)
+        if DOT:
+            acc1 += _dot_t(xn, w1, PREC, F32)
+        else:
+            acc1 += tl.sum(xn.to(tl.float32)[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
+        if not HEAD:
+            w2 = tl.load(w_ptr + (oe + E)[:, None] * s_wr + offs_k[None, :], mask=wm, other=0.0)
+            if DOT:
+                acc2 += _dot_t(xn, w2, PREC, F32)
+            else:
+                acc2 += tl.sum(xn.to(tl.float32)[:, None, :] * w2.to(tl.float32)[None, :, :],
+                               axis=2)
+    m2 = bmask[:, None] & emask[None, :]
+    optr = ob[:, None] * E + oe[None, :]
+    if HEAD:
+        tl.store(o1_ptr + optr, acc1, mask=m2)
+    else:
+        if HAS_WB:
+            acc1 += tl.load(wb_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(wb_ptr + E + offs_e, mask=emask, other=0.0).to(tl.float32)[None, :]
+        # Conv state: shift left by one and append x_in (kept in the cache's dtype).
+        kk = tl.arange(0, KP)[None, None, :]
+        m3 = m2[:, :, None]
+        cbase = cs_ptr + ob[:, None, None] * s_cb + oe[None, :, None] * s_ce
+        old = tl.load(cbase + (kk + 1) * s_ck, mask=m3 & (kk + 1 < K), other=0.0).to(tl.float32)
+        xin = acc1.to(cs_ptr.dtype.element_ty).to(tl.float32)
+        new = tl.where(kk == K - 1, xin[:, :, None], old)
+        tl.store(cbase + kk * s_ck, new.to(cs_ptr.dtype.element_ty), mask=m3 & (kk < K))
+        ko = tl.arange(0, KP)
+        cw = tl.load(cw_ptr + oe[:, None] * s_cwe + ko[None, :] * s_cwk,
+                     mask=emask[:, None] & (ko[None, :] < K), other=0.0).to(tl.float32)
+        u = tl.sum(new * cw[None, :, :], axis=2)
+        if HAS_CB:
+            u += tl.load(cb_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)[None, :]
+        u = u * tl.sigmoid(u)
+        tl.store(o1_ptr + optr, u, mask=m2)
+        tl.store(o2_ptr + optr, acc2, mask=m2)
+
+
+@triton.jit
+def _out_kernel(
+    x_ptr, z_ptr, wx_ptr, s_wx, wdt_ptr, s_wdt, dtb_ptr, alog_ptr, s_al, d_ptr,
+    st_ptr, s_sb, s_se, s_sn, wo_ptr, s_wo, ob_ptr, parts_ptr, s_pp,
+    batch, E, R, N, Dm,
+    HAS_OB: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, RP: tl.constexpr,
+    NP: tl.constexpr, BKE: tl.constexpr, BDM: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, F32: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_b = pid_b * BB + tl.arange(0, BB)
+    bmask = offs_b < batch
+    ob = offs_b.to(tl.int64)
+    offs_e = pid_e * BE + tl.arange(0, BE)
+    emask = offs_e < E
+    oe = offs_e.to(tl.int64)
+    offs_r = tl.arange(0, RP)
+    rmask = offs_r < R
+    offs_n = tl.arange(0, NP)
+    nmask = offs_n < N
+    wt = wx_ptr.dtype.element_ty
+
+    # x_proj over all of d_inner (each block recomputes it).
+    acc_dt = tl.zeros([BB, RP], dtype=tl.float32)
+    acc_B = tl.zeros([BB, NP], dtype=tl.float32)
+    acc_C = tl.zeros([BB, NP], dtype=tl.float32)
+    for k0 in range(0, E, BKE):
+        offs_k = k0 + tl.arange(0, BKE)
+        kmask = offs_k < E
+        xk = tl.load(x_ptr + ob[:, None] * E + offs_k[None, :],
+                     mask=bmask[:, None] & kmask[None, :], other=0.0).to(wt)
+        wr = tl.load(wx_ptr + offs_r[:, None] * s_wx + offs_k[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wB = tl.load(wx_ptr + (R + offs_n)[:, None] * s_wx + offs_k[None, :],
+                     mask=nmask[:, None] & kmask[None, :], other=0.0)
+        wC = tl.load(wx_ptr + (R + N + offs_n)[:, None] * s_wx + offs_k[None, :],
+                     mask=nmask[:, None] & kmask[None, :], other=0.0)
+        if DOT:
+            acc_dt += _dot_t(xk, wr, PREC, F32)
+            acc_B += _dot_t(xk, wB, PREC, F32)
+            acc_C += _dot_t(xk, wC, PREC, F32)
+        else:
+            xf = xk.to(tl.float32)[:, None, :]
+            acc_dt += tl.sum(xf * wr.to(tl.float32)[None, :, :], axis=2)
+            acc_B += tl.sum(xf * wB.to(tl.float32)[None, :, :], axis=2)
+            acc_C += tl.sum(xf * wC.to(tl.float32)[None, :, :], axis=2)
+    # Round like the per-op path, whose x_proj output is in the weights' dtype.
+    Bv = acc_B.to(wt).to(tl.float32)
+    Cv = acc_C.to(wt).to(tl.float32)
+
+    # dt for this block's channels.
+    wd = tl.load(wdt_ptr + oe[:, None] * s_wdt + offs_r[None, :],
+                 mask=emask[:, None] & rmask[None, :], other=0.0)
+    dtl = acc_dt.to(wdt_ptr.dtype.element_ty)
+    if DOT:
+        dt = _dot_t(dtl, wd, PREC, F32)
+    else:
+        dt = tl.sum(dtl.to(tl.float32)[:, None, :] * wd.to(tl.float32)[None, :, :], axis=2)
+    dt += tl.load(dtb_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)[None, :]
+    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
+
+    m2 = bmask[:, None] & emask[None, :]
+    x = tl.load(x_ptr + ob[:, None] * E + oe[None, :], mask=m2, other=0.0)
+    z = tl.load(z_ptr + ob[:, None] * E + oe[None, :], mask=m2, other=0.0)
+    A = -tl.exp(tl.load(alog_ptr + oe[:, None] * s_al + offs_n[None, :],
+                        mask=emask[:, None] & nmask[None, :], other=0.0).to(tl.float32))
+    m3 = m2[:, :, None] & nmask[None, None, :]
+    sp = st_ptr + ob[:, None, None] * s_sb + oe[None, :, None] * s_se + offs_n[None, None, :] * s_sn
+    h = tl.load(sp, mask=m3, other=0.0)
+    h = tl.exp(dt[:, :, None] * A[None, :, :]) * h + (dt * x)[:, :, None] * Bv[:, None, :]
+    tl.store(sp, h, mask=m3)
+    Dv = tl.load(d_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)
+    y = tl.sum(h * Cv[:, None, :], axis=2) + Dv[None, :] * x
+    y = y * z * tl.sigmoid(z)
+    y = tl.where(m2, y, 0.0).to(wo_ptr.dtype.element_ty)
+
+    # This block's share of out_proj, over all d_model outputs.
+    for d0 in range(0, Dm, BDM):
+        offs_d = d0 + tl.arange(0, BDM)
+        dmask = offs_d < Dm
+        wo = tl.load(wo_ptr + offs_d[:, None].to(tl.int64) * s_wo + oe[None, :],
+                     mask=dmask[:, None] & emask[None, :], other=0.0)
+        if DOT:
+            part = _dot_t(y, wo, PREC, F32)
+        else:
+            part = tl.sum(y.to(tl.float32)[:, None, :] * wo.to(tl.float32)[None, :, :], axis=2)
+        if HAS_OB:
+            ob_v = tl.load(ob_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            part += tl.where(pid_e == 0, ob_v, 0.0)[None, :]
+        tl.store(parts_ptr + pid_e * s_pp + ob[:, None] * Dm + offs_d[None, :], part,
+                 mask=bmask[:, None] & dmask[None, :])
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _p2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+class StepPlan:
+    """Block sizes for one (batch, d_model, d_inner, dt_rank, d_state, weight dtype)."""
+
+    def __init__(self, batch: int, d_model: int, d_inner: int, dt_rank: int, d_state: int,
+                 wdtype: torch.dtype):
+        self.batch, self.d_model, self.E = batch, d_model, d_inner
+        self.dot = batch >= 16
+        self.BB = 16 if self.dot else 1
+        self.prec = "ieee" if wdtype == torch.float32 else "tf32"
+        self.f32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if self.dot:
+            self.BE_in, self.BK = 64, 64
+            self.BE_out, self.BKE, self.BDM = 32, 64, 64
+            self.RP, self.NP = max(16, _p2(dt_rank)), max(16, _p2(d_state))
+        else:
+            self.BE_in, self.BK = 32, 64
+            self.BE_out, self.BKE, self.BDM = min(128, _p2(d_inner)), 64, 64
+            self.RP, self.NP = _p2(dt_rank), _p2(d_state)
+        self.BE_in = min(self.BE_in, _p2(d_inner))
+        self.n_parts = triton.cdiv(d_inner, self.BE_out)
+        self.nb = triton.cdiv(batch, self.BB)
+        self.warps = 4
+
+
+def _src_args(src):
+    """(parts_ptr, P, s_pp, s_pb, ids, emb, s_eb, FROM_IDS) for either hidden source."""
+    if isinstance(src, tuple):  # (ids (batch,), embedding weight (V, d_model))
+        ids, emb = src
+        return (emb, 0, 0, 0, ids, emb, emb.stride(0), True)
+    parts = src  # (P, batch, d_model) float32 contiguous
+    return (parts, parts.shape[0], parts.stride(0), parts.stride(1), parts, parts, 0, False)
+
+
+def mixer_in_step(plan: StepPlan, src, res_in, res_out, norm_w, norm_b, eps, is_rms,
+                  w_in, b_in, conv_state, conv_w, conv_b, x_out, z_out):
+    """First half of a layer's decoding step (see the module docstring).
+
+    src: (P, batch, d_model) float32 partials of the previous layer's out_proj, or
+    (ids (batch,) long, embedding weight) for the first layer. res_in (batch, d_model)
+    float32 or None; res_out (batch, d_model) float32 receives hidden + residual.
+    w_in (2E, d_model); conv_state (batch, E, K) updated in place; conv_w (E, K);
+    x_out, z_out (batch, E) float32 receive silu(conv) and z.
+    """
+    p = plan
+    parts, P, s_pp, s_pb, ids, emb, s_eb, from_ids = _src_args(src)
+    K = conv_state.shape[-1]
+    dummy = x_out
+    grid = (triton.cdiv(p.E, p.BE_in), p.nb)
+    _in_kernel[grid](
+        parts, P, s_pp, s_pb, res_in if res_in is not None else dummy, res_out, ids, emb, s_eb,
+        norm_w, norm_b if norm_b is not None else norm_w, float(eps), w_in, w_in.stride(0),
+        b_in if b_in is not None else norm_w,
+        conv_state, *conv_state.stride(), conv_w, *conv_w.stride(),
+        conv_b if conv_b is not None else norm_w,
+        x_out, z_out, p.batch, p.d_model, p.E,
+        HEAD=False, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
+        HAS_NB=norm_b is not None, HAS_WB=b_in is not None, HAS_CB=conv_b is not None,
+        K=K, KP=_p2(K), BB=p.BB, BE=p.BE_in, BK=p.BK, DOT=p.dot, PREC=p.prec, F32=p.f32,
+        num_warps=p.warps)
+
+
+def head_step(plan: StepPlan, src, res_in, norm_w, norm_b, eps, is_rms, w_head, logits):
+    """Final norm of (sum of partials + residual) and logits = xn @ w_head.T, float32 (batch, V)."""
+    p = plan
+    parts, P, s_pp, s_pb, ids, emb, s_eb, from_ids = _src_args(src)
+    V = w_head.shape[0]
+    BE = 32 if not p.dot else 64
+    grid = (triton.cdiv(V, BE), p.nb)
+    _in_kernel[grid](
+        parts, P, s_pp, s_pb, res_in if res_in is not None else logits, logits, ids, emb, s_eb,
+        norm_w, norm_b if norm_b is not None else norm_w, float(eps), w_head, w_head.stride(0),
+        norm_w, logits, 0, 0, 0, norm_w, 0, 0, norm_w, logits, logits, p.batch, p.d_model, V,
+        HEAD=True, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
+        HAS_NB=norm_b is not None, HAS_WB=False, HAS_CB=False, K=1, KP=1,
+        BB=p.BB, BE=BE, BK=p.BK, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
+
+
+def mixer_out_step(plan: StepPlan, x, z, w_x, w_dt, dt_bias, A_log, D, ssm_state, w_out, b_out,
+                   parts_out):
+    """Second half: x_proj, dt, state update (in place), gate, out_proj partials.
+
+    x, z (batch, E) float32; w_x (R + 2N, E); w_dt (E, R); dt_bias, D (E,); A_log (E, N);
+    ssm_state (batch, E, N) float32; w_out (d_model, E); parts_out (n_parts, batch, d_model)
+    float32 receives one out_proj partial per channel block.
+    """
+    p = plan
+    N = ssm_state.shape[-1]
+    R = w_dt.shape[1]
+    grid = (p.n_parts, p.nb)
+    _out_kernel[grid](
+        x, z, w_x, w_x.stride(0), w_dt, w_dt.stride(0), dt_bias, A_log, A_log.stride(0), D,
+        ssm_state, *ssm_state.stride(), w_out, w_out.stride(0),
+        b_out if b_out is not None else D, parts_out, parts_out.stride(0),
+        p.batch, p.E, R, N, p.d_model,
+        HAS_OB=b_out is not None, BB=p.BB, BE=p.BE_out, RP=p.RP, NP=p.NP, BKE=p.BKE,
+        BDM=p.BDM, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
+
+
+@triton.jit
+def _pick_kernel(logits_ptr, s_lb, noise_ptr, s_nb, inv_temp, ids_ptr, out_ptr, s_ob, col, V,
+                 HAS_NOISE: tl.constexpr, VP: tl.constexpr):
+    """Per row: argmax(logits * inv_temp + noise) over the first V ids -> ids[b], out[b, col]."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, VP)
+    m = offs < V
+    x = tl.load(logits_ptr + b * s_lb + offs, mask=m, other=float("-inf")).to(tl.float32)
+    if HAS_NOISE:
+        x = x * inv_temp + tl.load(noise_ptr + b * s_nb + offs, mask=m, other=0.0)
+    best = tl.argmax(x, axis=0)
+    tl.store(ids_ptr + b, best.to(tl.int64))
+    tl.store(out_ptr + b * s_ob + col, best.to(tl.int64))
+
+
+def pick_step(logits, noise, inv_temp: float, ids_out, out, col: int, vocab: int):
+    """Greedy (noise None) or Gumbel-max pick of the next id of each row, written to
+    ``ids_out[b]`` (the next step's input) and ``out[b, col]`` in one launch."""
+    batch = logits.shape[0]
+    _pick_kernel[(batch,)](
+        logits, logits.stride(0), noise if noise is not None else logits,
+        noise.stride(0) if noise is not None else 0, float(inv_temp), ids_out, out,
+        out.stride(0), int(col), int(vocab), HAS_NOISE=noise is not None, VP=_p2(vocab),
+        num_warps=1 if vocab <= 1024 else 4)

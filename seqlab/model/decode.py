@@ -1,0 +1,80 @@
+"""Fused decoding step of a causal MambaLM: two Triton kernels per layer plus one for the head.
+
+``MambaLM.step`` calls :func:`fused_lm_step` when :func:`fused_step_reason` finds nothing
+against it (causal, selective, non-RC blocks whose scan implementation resolves to Triton:
+the default on CUDA). The per-op path in ``Mixer.step`` stays the reference it is tested
+against. Which one ran is observable through ``seqlab.kernels.last_impl("lm_step")``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from seqlab.kernels import api as kernel_api
+
+Tensor = torch.Tensor
+
+
+def fused_step_reason(model: nn.Module, device: torch.device) -> str | None:
+    """None if the fused step applies to this model on this device, else why not."""
+    from .backbone import RMSNorm
+    from .mixer import Mixer
+    cfg = model.config
+    if cfg.bidirectional or cfg.rc_equivariant:
+        return "bidirectional / RC models do not decode"
+    if not cfg.selective:
+        return "the LTI ablation (selective=False) uses the per-op step"
+    if kernel_api.resolve_impl(cfg.scan_impl, device, op="lm_step") != "triton":
+        return f"scan_impl={cfg.scan_impl!r} resolves to a non-Triton implementation on {device}"
+    head = model.lm_head
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return "the LM head is not a bias-free Linear"
+    for layer in model.backbone.layers:
+        if not isinstance(layer.mixer, Mixer) or not isinstance(layer.norm, (RMSNorm, nn.LayerNorm)):
+            return "a block has a non-standard mixer or norm"
+    return None
+
+
+def _norm_args(norm: nn.Module):
+    from .backbone import RMSNorm
+    if isinstance(norm, RMSNorm):
+        return norm.weight, None, norm.eps, True
+    return norm.weight, norm.bias, norm.eps, False
+
+
+@torch.no_grad()
+def fused_lm_step(model: nn.Module, ids_t: Tensor, cache: list) -> Tensor:
+    """ids_t (batch,) long -> logits (batch, padded vocab) float32; advances every cache entry.
+
+    Same contract as the per-op ``MambaLM.step`` (the residual stream is kept in float32
+    whatever ``residual_in_fp32`` says; everything else follows the parameters' dtype).
+    """
+    from seqlab.kernels.mixer_step_triton import StepPlan, head_step, mixer_in_step, mixer_out_step
+    cfg = model.config
+    bb = model.backbone
+    batch = ids_t.shape[0]
+    dev = ids_t.device
+    m0 = bb.layers[0].mixer
+    w_dtype = m0.in_proj.weight.dtype
+    plan = StepPlan(batch, cfg.d_model, m0.d_inner, m0.dt_rank, m0.d_state, w_dtype)
+    f32 = dict(dtype=torch.float32, device=dev)
+    parts = [torch.empty(plan.n_parts, batch, cfg.d_model, **f32) for _ in range(2)]
+    res = [torch.empty(batch, cfg.d_model, **f32) for _ in range(2)]
+    x = torch.empty(batch, m0.d_inner, **f32)
+    z = torch.empty(batch, m0.d_inner, **f32)
+    src = (ids_t, bb.embedding.weight)
+    res_in = None
+    for i, (layer, (conv_state, ssm_state)) in enumerate(zip(bb.layers, cache)):
+        mx = layer.mixer
+        nw, nb, eps, is_rms = _norm_args(layer.norm)
+        mixer_in_step(plan, src, res_in, res[i % 2], nw, nb, eps, is_rms,
+                      mx.in_proj.weight, mx.in_proj.bias, conv_state, mx.conv1d.weight[:, 0, :],
+                      mx.conv1d.bias, x, z)
+        mixer_out_step(plan, x, z, mx.x_proj.weight, mx.dt_proj.weight, mx.dt_proj.bias,
+                       mx.A_log, mx.D, ssm_state, mx.out_proj.weight, mx.out_proj.bias,
+                       parts[i % 2])
+        src, res_in = parts[i % 2], res[i % 2]
+    nw, nb, eps, is_rms = _norm_args(bb.norm_f)
+    logits = torch.empty(batch, model.lm_head.weight.shape[0], **f32)
+    head_step(plan, src, res_in, nw, nb, eps, is_rms, model.lm_head.weight, logits)
+    return logits
