@@ -44,8 +44,9 @@ def _dot_t(a, b, PREC: tl.constexpr, F32: tl.constexpr):
 @triton.jit
 def _hidden_tile(parts_ptr, P, s_pp, s_pb, res_ptr, ids_ptr, emb_ptr, s_eb, offs_b, bmask,
                  offs_k, kmask, Dm, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr,
-                 BB: tl.constexpr, BK: tl.constexpr):
-    """(BB, BK) float32 slice of hidden + residual for rows offs_b, columns offs_k."""
+                 BB: tl.constexpr, BK: tl.constexpr, PP: tl.constexpr):
+    """(BB, BK) float32 slice of hidden + residual for rows offs_b, columns offs_k; the
+    partials are read PP at a time (one (PP, BB, BK) load per round)."""
     m = bmask[:, None] & kmask[None, :]
     ob = offs_b.to(tl.int64)
     if FROM_IDS:
@@ -54,9 +55,13 @@ def _hidden_tile(parts_ptr, P, s_pp, s_pb, res_ptr, ids_ptr, emb_ptr, s_eb, offs
                     other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BB, BK], dtype=tl.float32)
-        for p in range(P):
-            h += tl.load(parts_ptr + p * s_pp + ob[:, None] * s_pb + offs_k[None, :], mask=m,
-                         other=0.0)
+        offs_p = tl.arange(0, PP)
+        for p0 in range(0, P, PP):
+            pp = p0 + offs_p
+            t = tl.load(parts_ptr + pp[:, None, None].to(tl.int64) * s_pp
+                        + ob[None, :, None] * s_pb + offs_k[None, None, :],
+                        mask=(pp < P)[:, None, None] & m[None, :, :], other=0.0)
+            h += tl.sum(t, axis=0)
     if HAS_RES:
         h += tl.load(res_ptr + ob[:, None] * Dm + offs_k[None, :], mask=m, other=0.0)
     return h
@@ -70,8 +75,8 @@ def _in_kernel(
     o1_ptr, o2_ptr, batch, Dm, E,
     HEAD: tl.constexpr, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr, IS_RMS: tl.constexpr,
     HAS_NB: tl.constexpr, HAS_WB: tl.constexpr, HAS_CB: tl.constexpr, K: tl.constexpr,
-    KP: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr,
+    KP: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PP: tl.constexpr,
+    ONE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -84,19 +89,24 @@ def _in_kernel(
     wdt = w_ptr.dtype.element_ty
 
     # Pass 1: row statistics; the first block also writes the new residual.
-    s1 = tl.zeros([BB], dtype=tl.float32)
-    s2 = tl.zeros([BB], dtype=tl.float32)
+    # Elementwise accumulators, reduced once after the loop (no cross-thread sums inside).
+    s1v = tl.zeros([BB, BK], dtype=tl.float32)
+    s2v = tl.zeros([BB, BK], dtype=tl.float32)
+    h_one = tl.zeros([BB, BK], dtype=tl.float32)  # the whole row when ONE (Dm <= BK)
     for k0 in range(0, Dm, BK):
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < Dm
         h = _hidden_tile(parts_ptr, P, s_pp, s_pb, res_in_ptr, ids_ptr, emb_ptr, s_eb, offs_b,
-                         bmask, offs_k, kmask, Dm, FROM_IDS, HAS_RES, BB, BK)
+                         bmask, offs_k, kmask, Dm, FROM_IDS, HAS_RES, BB, BK, PP)
         if not HEAD:
             if pid_e == 0:
                 tl.store(res_out_ptr + ob[:, None] * Dm + offs_k[None, :], h,
                          mask=bmask[:, None] & kmask[None, :])
-        s1 += tl.sum(h, axis=1)
-        s2 += tl.sum(h * h, axis=1)
+        s1v += h
+        s2v += h * h
+        h_one = h
+    s1 = tl.sum(s1v, axis=1)
+    s2 = tl.sum(s2v, axis=1)
     if IS_RMS:
         mean = tl.zeros([BB], dtype=tl.float32)
         rstd = 1.0 / tl.sqrt(s2 / Dm + eps)
@@ -107,11 +117,16 @@ def _in_kernel(
     # Pass 2: normalise and multiply by this block's rows of the weight (both halves).
     acc1 = tl.zeros([BB, BE], dtype=tl.float32)
     acc2 = tl.zeros([BB, BE], dtype=tl.float32)
+    acc1v = tl.zeros([BE, BK], dtype=tl.float32)  # BB == 1 without DOT
+    acc2v = tl.zeros([BE, BK], dtype=tl.float32)
     for k0 in range(0, Dm, BK):
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < Dm
-        h = _hidden_tile(parts_ptr, P, s_pp, s_pb, res_in_ptr, ids_ptr, emb_ptr, s_eb, offs_b,
-                         bmask, offs_k, kmask, Dm, FROM_IDS, HAS_RES, BB, BK)
+        if ONE:
+            h = h_one  # one chunk: reuse pass 1's load instead of reading the partials again
+        else:
+            h = _hidden_tile(parts_ptr, P, s_pp, s_pb, res_in_ptr, ids_ptr, emb_ptr, s_eb,
+                             offs_b, bmask, offs_k, kmask, Dm, FROM_IDS, HAS_RES, BB, BK, PP)
         nw = tl.load(nw_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
         xn = (h - mean[:, None]) * rstd[:, None] * nw[None, :]
         if HAS_NB:
@@ -122,14 +137,16 @@ def _in_kernel(
         if DOT:
             acc1 += _dot_t(xn, w1, PREC, F32)
         else:
-            acc1 += tl.sum(xn.to(tl.float32)[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
+            acc1v += w1.to(tl.float32) * xn.to(tl.float32)
         if not HEAD:
             w2 = tl.load(w_ptr + (oe + E)[:, None] * s_wr + offs_k[None, :], mask=wm, other=0.0)
             if DOT:
                 acc2 += _dot_t(xn, w2, PREC, F32)
             else:
-                acc2 += tl.sum(xn.to(tl.float32)[:, None, :] * w2.to(tl.float32)[None, :, :],
-                               axis=2)
+                acc2v += w2.to(tl.float32) * xn.to(tl.float32)
+    if not DOT:
+        acc1 = tl.sum(acc1v, axis=1)[None, :]
+        acc2 = tl.sum(acc2v, axis=1)[None, :]
     m2 = bmask[:, None] & emask[None, :]
     optr = ob[:, None] * E + oe[None, :]
     if HEAD:
@@ -184,6 +201,9 @@ def _out_kernel(
     acc_dt = tl.zeros([BB, RP], dtype=tl.float32)
     acc_B = tl.zeros([BB, NP], dtype=tl.float32)
     acc_C = tl.zeros([BB, NP], dtype=tl.float32)
+    vr = tl.zeros([RP, BKE], dtype=tl.float32)  # BB == 1 without DOT: reduced after the loop
+    vB = tl.zeros([NP, BKE], dtype=tl.float32)
+    vC = tl.zeros([NP, BKE], dtype=tl.float32)
     for k0 in range(0, E, BKE):
         offs_k = k0 + tl.arange(0, BKE)
         kmask = offs_k < E
@@ -200,10 +220,14 @@ def _out_kernel(
             acc_B += _dot_t(xk, wB, PREC, F32)
             acc_C += _dot_t(xk, wC, PREC, F32)
         else:
-            xf = xk.to(tl.float32)[:, None, :]
-            acc_dt += tl.sum(xf * wr.to(tl.float32)[None, :, :], axis=2)
-            acc_B += tl.sum(xf * wB.to(tl.float32)[None, :, :], axis=2)
-            acc_C += tl.sum(xf * wC.to(tl.float32)[None, :, :], axis=2)
+            xf = xk.to(tl.float32)  # (1, BKE)
+            vr += wr.to(tl.float32) * xf
+            vB += wB.to(tl.float32) * xf
+            vC += wC.to(tl.float32) * xf
+    if not DOT:
+        acc_dt = tl.sum(vr, axis=1)[None, :]
+        acc_B = tl.sum(vB, axis=1)[None, :]
+        acc_C = tl.sum(vC, axis=1)[None, :]
     # Round like the per-op path, whose x_proj output is in the weights' dtype.
     Bv = acc_B.to(wt).to(tl.float32)
     Cv = acc_C.to(wt).to(tl.float32)
@@ -254,6 +278,9 @@ def _out_kernel(
 # --------------------------------------------------------------------------- host side
 
 
+MAX_ROW_BLOCK = 1024  # widest d_model chunk loaded at once (tests lower it to reach the loop)
+
+
 def _p2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
@@ -268,18 +295,23 @@ class StepPlan:
         self.BB = 16 if self.dot else 1
         self.prec = "ieee" if wdtype == torch.float32 else "tf32"
         self.f32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        DMP = _p2(d_model)
         if self.dot:
-            self.BE_in, self.BK = 64, 64
+            self.BE_in, self.BK, self.PP = 64, min(64, MAX_ROW_BLOCK), 8
             self.BE_out, self.BKE, self.BDM = 32, 64, 64
             self.RP, self.NP = max(16, _p2(dt_rank)), max(16, _p2(d_state))
+            self.warps = 4
         else:
-            self.BE_in, self.BK = 32, 64
-            self.BE_out, self.BKE, self.BDM = min(128, _p2(d_inner)), 64, 64
+            # Whole rows per load up to d_model 1024 (one pass over the partials).
+            self.BK = min(DMP, MAX_ROW_BLOCK)
+            self.BE_in, self.PP = (16, 8) if DMP <= 256 else (8, 4)
+            self.BE_out = min(64 if DMP <= 256 else 128, _p2(d_inner))
+            self.BKE, self.BDM = 128, min(DMP, 128)
             self.RP, self.NP = _p2(dt_rank), _p2(d_state)
+            self.warps = 4 if d_model <= 256 else 8
         self.BE_in = min(self.BE_in, _p2(d_inner))
         self.n_parts = triton.cdiv(d_inner, self.BE_out)
         self.nb = triton.cdiv(batch, self.BB)
-        self.warps = 4
 
 
 def _src_args(src):
@@ -315,7 +347,7 @@ def mixer_in_step(plan: StepPlan, src, res_in, res_out, norm_w, norm_b, eps, is_
         x_out, z_out, p.batch, p.d_model, p.E,
         HEAD=False, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
         HAS_NB=norm_b is not None, HAS_WB=b_in is not None, HAS_CB=conv_b is not None,
-        K=K, KP=_p2(K), BB=p.BB, BE=p.BE_in, BK=p.BK, DOT=p.dot, PREC=p.prec, F32=p.f32,
+        K=K, KP=_p2(K), BB=p.BB, BE=p.BE_in, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec, F32=p.f32,
         num_warps=p.warps)
 
 
@@ -324,7 +356,7 @@ def head_step(plan: StepPlan, src, res_in, norm_w, norm_b, eps, is_rms, w_head, 
     p = plan
     parts, P, s_pp, s_pb, ids, emb, s_eb, from_ids = _src_args(src)
     V = w_head.shape[0]
-    BE = 32 if not p.dot else 64
+    BE = p.BE_in if not p.dot else 64
     grid = (triton.cdiv(V, BE), p.nb)
     _in_kernel[grid](
         parts, P, s_pp, s_pb, res_in if res_in is not None else logits, logits, ids, emb, s_eb,
@@ -332,7 +364,7 @@ def head_step(plan: StepPlan, src, res_in, norm_w, norm_b, eps, is_rms, w_head, 
         norm_w, logits, 0, 0, 0, norm_w, 0, 0, norm_w, logits, logits, p.batch, p.d_model, V,
         HEAD=True, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
         HAS_NB=norm_b is not None, HAS_WB=False, HAS_CB=False, K=1, KP=1,
-        BB=p.BB, BE=BE, BK=p.BK, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
+        BB=p.BB, BE=BE, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
 
 
 def mixer_out_step(plan: StepPlan, x, z, w_x, w_dt, dt_bias, A_log, D, ssm_state, w_out, b_out,

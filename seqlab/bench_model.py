@@ -104,7 +104,7 @@ def print_profile(fn, title: str, top: int = 14):
 
 
 def bench_decode(cfg: MambaConfig, batch: int, new_tokens: int, device, cuda_graph: bool,
-                 dtype=torch.bfloat16) -> float:
+                 dtype=torch.bfloat16, profile: bool = False) -> float:
     from .generation import generate
     torch.manual_seed(0)
     model = MambaLM(cfg, device=device, dtype=dtype).eval()
@@ -116,6 +116,16 @@ def bench_decode(cfg: MambaConfig, batch: int, new_tokens: int, device, cuda_gra
     generate(model, prompt, new_tokens, top_k=1, cuda_graph=cuda_graph)
     _sync(device)
     dt = time.perf_counter() - t0
+    if profile and device.type == "cuda" and not cuda_graph:
+        cache = model.allocate_cache(batch, dtype)
+        ids = prompt[:, 0]
+
+        def steps():
+            with torch.inference_mode():
+                for _ in range(4):
+                    model.step(ids, cache)
+        steps()
+        print_profile(steps, f"4 decode steps, batch {batch}, eager", top=12)
     del model
     return batch * new_tokens / dt
 
@@ -149,7 +159,7 @@ def run(args) -> list[dict]:
             if not want(name) or (b > 1 and not cg and device.type == "cuda"):
                 continue
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            tok = bench_decode(lm_130m(q), b, new, device, cg, dtype)
+            tok = bench_decode(lm_130m(q), b, new, device, cg, dtype, args.profile)
             rows.append(dict(name=name, what=f"decode 130m, batch {b}, "
                              f"{'CUDA graph' if cg else 'eager'}", value=tok, unit="tokens/s"))
             print(f"  {rows[-1]['what']}: {tok:,.0f} tokens/s", flush=True)
