@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqlab.kernels import selective_scan, selective_state_update
+from seqlab.kernels import resolve_impl, selective_scan, selective_state_update
 
 from .config import MambaConfig
 
@@ -192,7 +192,11 @@ class Mixer(nn.Module):
             raise ValueError("Mixer.forward: a cache (prefill) works only for causal, unpadded, "
                              "unpacked input; drop lengths/cu_seqlens/reverse")
         batch, L, _ = xz.shape
-        x_in, z = xz.transpose(1, 2).chunk(2, dim=1)  # (batch, E, L) each, views
+        # Split on the (batch, L, 2E) side, then transpose: (batch, E, L) channels-last views.
+        # The split's backward then concatenates (batch, L, E) gradients along the last axis,
+        # which stay contiguous when ∂x_in and ∂z come back channels-last (no strided copy
+        # before in_proj's backward).
+        x_in, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))
         mask = None
         if lengths is not None:
             mask = length_mask(lengths, L)[:, None, :].to(x_in.dtype)  # (batch, 1, L)
@@ -203,7 +207,16 @@ class Mixer(nn.Module):
             prefix = conv_state[:, :, 1:].clone()  # read before the in-place update below
             # The last K inputs (left-filled from the previous state when L < K).
             conv_state.copy_(torch.cat([conv_state, x_in.to(conv_state.dtype)], dim=-1)[..., -self.d_conv:])
-        u = F.silu(self._conv(x_in, reverse, cu_seqlens, prefix))
+        # Triton conv + SiLU when the scan's impl resolves to "triton" ("auto" on CUDA; on the
+        # CPU only through TRITON_INTERPRET=1), except for packing, cache prefill and K > 4.
+        # u comes back channels-last, so x_proj reads u.transpose(1, 2) as a contiguous
+        # (batch, L, E) tensor.
+        if (prefix is None and cu_seqlens is None and self.d_conv <= 4
+                and resolve_impl(self.config.scan_impl, x_in.device, "causal_conv1d") == "triton"):
+            from seqlab.kernels.conv_triton import causal_conv1d_silu
+            u = causal_conv1d_silu(x_in, self.conv1d.weight, self.conv1d.bias, reverse)
+        else:
+            u = F.silu(self._conv(x_in, reverse, cu_seqlens, prefix))
         if mask is not None:
             # Zero input on pads: the reverse scan's state stays exactly 0 across the padding
             # (h = Ā·0 + Δ·B·0), so it starts fresh at each sequence's last real token.
