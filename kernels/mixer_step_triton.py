@@ -10,9 +10,9 @@ out_proj, ...) is 20-30 launches. Here a layer is two:
     xn = norm(residual)                     (RMSNorm or LayerNorm, float32 statistics)
     x_in, z = in_proj(xn)                   (this block's d_inner channels of both halves)
     conv_state <- [conv_state[1:], x_in];  x = silu(<conv_state, w> + b)   (in place)
+    share[block] = x_proj restricted to the block's channels
 ``mixer_out_step`` (grid: d_inner blocks x batch blocks)
-    dt_low, B, C = x_proj(x)                (a full reduction over d_inner: every block
-                                             recomputes it, cheap at decode sizes)
+    dt_low, B, C = sum of the shares         (in block order)
     dt = softplus(dt_proj(dt_low) + bias);  h <- exp(dt A) h + dt B x   (in place)
     y = (<C, h> + D x) * silu(z);  partial[block] = out_proj(y restricted to the block)
 
@@ -72,8 +72,8 @@ def _in_kernel(
     parts_ptr, P, s_pp, s_pb, res_in_ptr, res_out_ptr, ids_ptr, emb_ptr, s_eb,
     nw_ptr, nb_ptr, eps, w_ptr, s_wr, wb_ptr,
     cs_ptr, s_cb, s_ce, s_ck, cw_ptr, s_cwe, s_cwk, cb_ptr,
-    o1_ptr, o2_ptr, batch, Dm, E,
-    HEAD: tl.constexpr, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr, IS_RMS: tl.constexpr,
+    o1_ptr, o2_ptr, wx_ptr, s_wx, xd_ptr, s_xp, R, N, batch, Dm, E,
+    RP: tl.constexpr, NP: tl.constexpr, HEAD: tl.constexpr, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr, IS_RMS: tl.constexpr,
     HAS_NB: tl.constexpr, HAS_WB: tl.constexpr, HAS_CB: tl.constexpr, K: tl.constexpr,
     KP: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PP: tl.constexpr,
     ONE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr,
@@ -172,15 +172,41 @@ def _in_kernel(
         u = u * tl.sigmoid(u)
         tl.store(o1_ptr + optr, u, mask=m2)
         tl.store(o2_ptr + optr, acc2, mask=m2)
+        # This block's share of x_proj (W_x[:, block] @ u[block]); the second kernel sums
+        # the shares, so no program reads all of W_x.
+        offs_r = tl.arange(0, RP)
+        rmask = offs_r < R
+        offs_n = tl.arange(0, NP)
+        nmask = offs_n < N
+        uw = tl.where(m2, u, 0.0).to(wx_ptr.dtype.element_ty)
+        wr = tl.load(wx_ptr + offs_r[:, None] * s_wx + oe[None, :],
+                     mask=rmask[:, None] & emask[None, :], other=0.0)
+        wB = tl.load(wx_ptr + (R + offs_n)[:, None] * s_wx + oe[None, :],
+                     mask=nmask[:, None] & emask[None, :], other=0.0)
+        wC = tl.load(wx_ptr + (R + N + offs_n)[:, None] * s_wx + oe[None, :],
+                     mask=nmask[:, None] & emask[None, :], other=0.0)
+        if DOT:
+            pr = _dot_t(uw, wr, PREC, F32)
+            pB = _dot_t(uw, wB, PREC, F32)
+            pC = _dot_t(uw, wC, PREC, F32)
+        else:
+            uf = uw.to(tl.float32)  # (1, BE)
+            pr = tl.sum(wr.to(tl.float32) * uf, axis=1)[None, :]
+            pB = tl.sum(wB.to(tl.float32) * uf, axis=1)[None, :]
+            pC = tl.sum(wC.to(tl.float32) * uf, axis=1)[None, :]
+        xb = xd_ptr + pid_e * s_xp + ob[:, None] * (R + 2 * N)
+        tl.store(xb + offs_r[None, :], pr, mask=bmask[:, None] & rmask[None, :])
+        tl.store(xb + R + offs_n[None, :], pB, mask=bmask[:, None] & nmask[None, :])
+        tl.store(xb + R + N + offs_n[None, :], pC, mask=bmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _out_kernel(
-    x_ptr, z_ptr, wx_ptr, s_wx, wdt_ptr, s_wdt, dtb_ptr, alog_ptr, s_al, d_ptr,
+    x_ptr, z_ptr, xd_ptr, s_xp, PB, wdt_ptr, s_wdt, dtb_ptr, alog_ptr, s_al, d_ptr,
     st_ptr, s_sb, s_se, s_sn, wo_ptr, s_wo, ob_ptr, parts_ptr, s_pp,
     batch, E, R, N, Dm,
     HAS_OB: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, RP: tl.constexpr,
-    NP: tl.constexpr, BKE: tl.constexpr, BDM: tl.constexpr, DOT: tl.constexpr,
+    NP: tl.constexpr, PX: tl.constexpr, BDM: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, F32: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
@@ -195,39 +221,32 @@ def _out_kernel(
     rmask = offs_r < R
     offs_n = tl.arange(0, NP)
     nmask = offs_n < N
-    wt = wx_ptr.dtype.element_ty
+    wt = wdt_ptr.dtype.element_ty
 
-    # x_proj over all of d_inner (each block recomputes it).
+    # x_proj = the sum of the first kernel's per-block shares, in block order.
     acc_dt = tl.zeros([BB, RP], dtype=tl.float32)
     acc_B = tl.zeros([BB, NP], dtype=tl.float32)
     acc_C = tl.zeros([BB, NP], dtype=tl.float32)
-    vr = tl.zeros([RP, BKE], dtype=tl.float32)  # BB == 1 without DOT: reduced after the loop
-    vB = tl.zeros([NP, BKE], dtype=tl.float32)
-    vC = tl.zeros([NP, BKE], dtype=tl.float32)
-    for k0 in range(0, E, BKE):
-        offs_k = k0 + tl.arange(0, BKE)
-        kmask = offs_k < E
-        xk = tl.load(x_ptr + ob[:, None] * E + offs_k[None, :],
-                     mask=bmask[:, None] & kmask[None, :], other=0.0).to(wt)
-        wr = tl.load(wx_ptr + offs_r[:, None] * s_wx + offs_k[None, :],
-                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wB = tl.load(wx_ptr + (R + offs_n)[:, None] * s_wx + offs_k[None, :],
-                     mask=nmask[:, None] & kmask[None, :], other=0.0)
-        wC = tl.load(wx_ptr + (R + N + offs_n)[:, None] * s_wx + offs_k[None, :],
-                     mask=nmask[:, None] & kmask[None, :], other=0.0)
-        if DOT:
-            acc_dt += _dot_t(xk, wr, PREC, F32)
-            acc_B += _dot_t(xk, wB, PREC, F32)
-            acc_C += _dot_t(xk, wC, PREC, F32)
-        else:
-            xf = xk.to(tl.float32)  # (1, BKE)
-            vr += wr.to(tl.float32) * xf
-            vB += wB.to(tl.float32) * xf
-            vC += wC.to(tl.float32) * xf
-    if not DOT:
-        acc_dt = tl.sum(vr, axis=1)[None, :]
-        acc_B = tl.sum(vB, axis=1)[None, :]
-        acc_C = tl.sum(vC, axis=1)[None, :]
+    XW = R + 2 * N
+    bm = bmask[:, None]
+    if DOT:
+        for p in range(PB):
+            xb = xd_ptr + p * s_xp + ob[:, None] * XW
+            acc_dt += tl.load(xb + offs_r[None, :], mask=bm & rmask[None, :], other=0.0)
+            acc_B += tl.load(xb + R + offs_n[None, :], mask=bm & nmask[None, :], other=0.0)
+            acc_C += tl.load(xb + R + N + offs_n[None, :], mask=bm & nmask[None, :], other=0.0)
+    else:
+        offs_p = tl.arange(0, PX)
+        for p0 in range(0, PB, PX):
+            pp = p0 + offs_p
+            pm = (pp < PB)[:, None] & bm  # (PX, 1): BB == 1
+            xb = xd_ptr + pp[:, None].to(tl.int64) * s_xp + ob[:, None] * XW
+            acc_dt += tl.sum(tl.load(xb + offs_r[None, :], mask=pm & rmask[None, :], other=0.0),
+                             axis=0)[None, :]
+            acc_B += tl.sum(tl.load(xb + R + offs_n[None, :], mask=pm & nmask[None, :],
+                                    other=0.0), axis=0)[None, :]
+            acc_C += tl.sum(tl.load(xb + R + N + offs_n[None, :], mask=pm & nmask[None, :],
+                                    other=0.0), axis=0)[None, :]
     # Round like the per-op path, whose x_proj output is in the weights' dtype.
     Bv = acc_B.to(wt).to(tl.float32)
     Cv = acc_C.to(wt).to(tl.float32)
@@ -291,26 +310,28 @@ class StepPlan:
     def __init__(self, batch: int, d_model: int, d_inner: int, dt_rank: int, d_state: int,
                  wdtype: torch.dtype):
         self.batch, self.d_model, self.E = batch, d_model, d_inner
+        self.R, self.N = dt_rank, d_state
         self.dot = batch >= 16
         self.BB = 16 if self.dot else 1
         self.prec = "ieee" if wdtype == torch.float32 else "tf32"
         self.f32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
         DMP = _p2(d_model)
         if self.dot:
-            self.BE_in, self.BK, self.PP = 64, min(64, MAX_ROW_BLOCK), 8
-            self.BE_out, self.BKE, self.BDM = 32, 64, 64
+            self.BE_in, self.BK, self.PP = 64, min(64, MAX_ROW_BLOCK), 1
+            self.BE_out, self.PX, self.BDM = 32, 1, 64
             self.RP, self.NP = max(16, _p2(dt_rank)), max(16, _p2(d_state))
             self.warps = 4
         else:
             # Whole rows per load up to d_model 1024 (one pass over the partials).
             self.BK = min(DMP, MAX_ROW_BLOCK)
             self.BE_in, self.PP = (16, 8) if DMP <= 256 else (8, 4)
-            self.BE_out = min(64 if DMP <= 256 else 128, _p2(d_inner))
-            self.BKE, self.BDM = 128, min(DMP, 128)
+            self.BE_out = min(64, _p2(d_inner))
+            self.PX, self.BDM = 32, min(DMP, 128)
             self.RP, self.NP = _p2(dt_rank), _p2(d_state)
             self.warps = 4 if d_model <= 256 else 8
         self.BE_in = min(self.BE_in, _p2(d_inner))
         self.n_parts = triton.cdiv(d_inner, self.BE_out)
+        self.n_xparts = triton.cdiv(d_inner, self.BE_in)
         self.nb = triton.cdiv(batch, self.BB)
 
 
@@ -324,14 +345,16 @@ def _src_args(src):
 
 
 def mixer_in_step(plan: StepPlan, src, res_in, res_out, norm_w, norm_b, eps, is_rms,
-                  w_in, b_in, conv_state, conv_w, conv_b, x_out, z_out):
+                  w_in, b_in, conv_state, conv_w, conv_b, x_out, z_out, w_x, xdbl_out):
     """First half of a layer's decoding step (see the module docstring).
 
     src: (P, batch, d_model) float32 partials of the previous layer's out_proj, or
     (ids (batch,) long, embedding weight) for the first layer. res_in (batch, d_model)
     float32 or None; res_out (batch, d_model) float32 receives hidden + residual.
     w_in (2E, d_model); conv_state (batch, E, K) updated in place; conv_w (E, K);
-    x_out, z_out (batch, E) float32 receive silu(conv) and z.
+    x_out, z_out (batch, E) float32 receive silu(conv) and z; w_x (R + 2N, E) is x_proj's
+    weight and xdbl_out (n_xparts, batch, R + 2N) float32 receives each block's share of
+    x_proj(x).
     """
     p = plan
     parts, P, s_pp, s_pb, ids, emb, s_eb, from_ids = _src_args(src)
@@ -344,8 +367,8 @@ def mixer_in_step(plan: StepPlan, src, res_in, res_out, norm_w, norm_b, eps, is_
         b_in if b_in is not None else norm_w,
         conv_state, *conv_state.stride(), conv_w, *conv_w.stride(),
         conv_b if conv_b is not None else norm_w,
-        x_out, z_out, p.batch, p.d_model, p.E,
-        HEAD=False, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
+        x_out, z_out, w_x, w_x.stride(0), xdbl_out, xdbl_out.stride(0), p.R,
+        p.N, p.batch, p.d_model, p.E, RP=p.RP, NP=p.NP, HEAD=False, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
         HAS_NB=norm_b is not None, HAS_WB=b_in is not None, HAS_CB=conv_b is not None,
         K=K, KP=_p2(K), BB=p.BB, BE=p.BE_in, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec, F32=p.f32,
         num_warps=p.warps)
@@ -361,17 +384,17 @@ def head_step(plan: StepPlan, src, res_in, norm_w, norm_b, eps, is_rms, w_head, 
     _in_kernel[grid](
         parts, P, s_pp, s_pb, res_in if res_in is not None else logits, logits, ids, emb, s_eb,
         norm_w, norm_b if norm_b is not None else norm_w, float(eps), w_head, w_head.stride(0),
-        norm_w, logits, 0, 0, 0, norm_w, 0, 0, norm_w, logits, logits, p.batch, p.d_model, V,
-        HEAD=True, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
+        norm_w, logits, 0, 0, 0, norm_w, 0, 0, norm_w, logits, logits, w_head, 0, logits, 0, 0, 0,
+        p.batch, p.d_model, V, RP=1, NP=1, HEAD=True, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
         HAS_NB=norm_b is not None, HAS_WB=False, HAS_CB=False, K=1, KP=1,
         BB=p.BB, BE=BE, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
 
 
-def mixer_out_step(plan: StepPlan, x, z, w_x, w_dt, dt_bias, A_log, D, ssm_state, w_out, b_out,
+def mixer_out_step(plan: StepPlan, x, z, xdbl, w_dt, dt_bias, A_log, D, ssm_state, w_out, b_out,
                    parts_out):
     """Second half: x_proj, dt, state update (in place), gate, out_proj partials.
 
-    x, z (batch, E) float32; w_x (R + 2N, E); w_dt (E, R); dt_bias, D (E,); A_log (E, N);
+    x, z (batch, E) float32; xdbl (n_xparts, batch, R + 2N) float32 shares of x_proj(x); w_dt (E, R); dt_bias, D (E,); A_log (E, N);
     ssm_state (batch, E, N) float32; w_out (d_model, E); parts_out (n_parts, batch, d_model)
     float32 receives one out_proj partial per channel block.
     """
@@ -380,11 +403,12 @@ def mixer_out_step(plan: StepPlan, x, z, w_x, w_dt, dt_bias, A_log, D, ssm_state
     R = w_dt.shape[1]
     grid = (p.n_parts, p.nb)
     _out_kernel[grid](
-        x, z, w_x, w_x.stride(0), w_dt, w_dt.stride(0), dt_bias, A_log, A_log.stride(0), D,
+        x, z, xdbl, xdbl.stride(0), xdbl.shape[0], w_dt, w_dt.stride(0), dt_bias, A_log,
+        A_log.stride(0), D,
         ssm_state, *ssm_state.stride(), w_out, w_out.stride(0),
         b_out if b_out is not None else D, parts_out, parts_out.stride(0),
         p.batch, p.E, R, N, p.d_model,
-        HAS_OB=b_out is not None, BB=p.BB, BE=p.BE_out, RP=p.RP, NP=p.NP, BKE=p.BKE,
+        HAS_OB=b_out is not None, BB=p.BB, BE=p.BE_out, RP=p.RP, NP=p.NP, PX=p.PX,
         BDM=p.BDM, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
 
 

@@ -62,6 +62,7 @@ def fused_lm_step(model: nn.Module, ids_t: Tensor, cache: list) -> Tensor:
     res = [torch.empty(batch, cfg.d_model, **f32) for _ in range(2)]
     x = torch.empty(batch, m0.d_inner, **f32)
     z = torch.empty(batch, m0.d_inner, **f32)
+    xdbl = torch.empty(plan.n_xparts, batch, m0.dt_rank + 2 * m0.d_state, **f32)
     src = (ids_t, bb.embedding.weight)
     res_in = None
     for i, (layer, (conv_state, ssm_state)) in enumerate(zip(bb.layers, cache)):
@@ -69,8 +70,8 @@ def fused_lm_step(model: nn.Module, ids_t: Tensor, cache: list) -> Tensor:
         nw, nb, eps, is_rms = _norm_args(layer.norm)
         mixer_in_step(plan, src, res_in, res[i % 2], nw, nb, eps, is_rms,
                       mx.in_proj.weight, mx.in_proj.bias, conv_state, mx.conv1d.weight[:, 0, :],
-                      mx.conv1d.bias, x, z)
-        mixer_out_step(plan, x, z, mx.x_proj.weight, mx.dt_proj.weight, mx.dt_proj.bias,
+                      mx.conv1d.bias, x, z, mx.x_proj.weight, xdbl)
+        mixer_out_step(plan, x, z, xdbl, mx.dt_proj.weight, mx.dt_proj.bias,
                        mx.A_log, mx.D, ssm_state, mx.out_proj.weight, mx.out_proj.bias,
                        parts[i % 2])
         src, res_in = parts[i % 2], res[i % 2]
