@@ -68,11 +68,38 @@ def _hidden_tile(parts_ptr, P, s_pp, s_pb, res_ptr, ids_ptr, emb_ptr, s_eb, offs
 
 
 @triton.jit
+def _last_sums(ctr_ptr, pid_b, src_ptr, s_src, dst_ptr, W, ob, bmask,
+               BB: tl.constexpr, WC: tl.constexpr, PF: tl.constexpr):
+    """Deterministic cross-program reduction: every program of this batch block has stored
+    its (BB, W) share at src[pid_e]; the last one to arrive (atomic counter, acq_rel) sums
+    the shares in block order into dst (BB, W) and resets the counter for the next launch."""
+    tl.debug_barrier()  # all threads' stores of this program precede the release below
+    n = tl.num_programs(0)
+    cnt = tl.atomic_add(ctr_ptr + pid_b, 1, sem="acq_rel")
+    if cnt == n - 1:
+        offs_f = tl.arange(0, PF)
+        for w0 in range(0, W, WC):
+            offs_w = w0 + tl.arange(0, WC)
+            wm = bmask[None, :, None] & (offs_w < W)[None, None, :]
+            acc = tl.zeros([BB, WC], dtype=tl.float32)
+            for p0 in range(0, n, PF):
+                pp = p0 + offs_f
+                t = tl.load(src_ptr + pp[:, None, None].to(tl.int64) * s_src
+                            + ob[None, :, None] * W + offs_w[None, None, :],
+                            mask=(pp < n)[:, None, None] & wm, other=0.0, cache_modifier=".cg")
+                acc += tl.sum(t, axis=0)
+            tl.store(dst_ptr + ob[:, None] * W + offs_w[None, :], acc,
+                     mask=bmask[:, None] & (offs_w < W)[None, :])
+        tl.store(ctr_ptr + pid_b, 0)
+
+
+@triton.jit
 def _in_kernel(
     parts_ptr, P, s_pp, s_pb, res_in_ptr, res_out_ptr, ids_ptr, emb_ptr, s_eb,
     nw_ptr, nb_ptr, eps, w_ptr, s_wr, wb_ptr,
     cs_ptr, s_cb, s_ce, s_ck, cw_ptr, s_cwe, s_cwk, cb_ptr,
-    o1_ptr, o2_ptr, wx_ptr, s_wx, xd_ptr, s_xp, R, N, batch, Dm, E,
+    o1_ptr, o2_ptr, wx_ptr, s_wx, xd_ptr, s_xp, xf_ptr, ctr_ptr, R, N, batch, Dm, E,
+    LAST: tl.constexpr, LWC: tl.constexpr, LPF: tl.constexpr,
     RP: tl.constexpr, NP: tl.constexpr, HEAD: tl.constexpr, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr, IS_RMS: tl.constexpr,
     HAS_NB: tl.constexpr, HAS_WB: tl.constexpr, HAS_CB: tl.constexpr, K: tl.constexpr,
     KP: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PP: tl.constexpr,
@@ -198,14 +225,16 @@ def _in_kernel(
         tl.store(xb + offs_r[None, :], pr, mask=bmask[:, None] & rmask[None, :])
         tl.store(xb + R + offs_n[None, :], pB, mask=bmask[:, None] & nmask[None, :])
         tl.store(xb + R + N + offs_n[None, :], pC, mask=bmask[:, None] & nmask[None, :])
+        if LAST:
+            _last_sums(ctr_ptr, pid_b, xd_ptr, s_xp, xf_ptr, R + 2 * N, ob, bmask, BB, LWC, LPF)
 
 
 @triton.jit
 def _out_kernel(
     x_ptr, z_ptr, xd_ptr, s_xp, PB, wdt_ptr, s_wdt, dtb_ptr, alog_ptr, s_al, d_ptr,
-    st_ptr, s_sb, s_se, s_sn, wo_ptr, s_wo, ob_ptr, parts_ptr, s_pp,
+    st_ptr, s_sb, s_se, s_sn, wo_ptr, s_wo, ob_ptr, parts_ptr, s_pp, hf_ptr, ctr_ptr,
     batch, E, R, N, Dm,
-    HAS_OB: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, RP: tl.constexpr,
+    LAST: tl.constexpr, LWC: tl.constexpr, LPF: tl.constexpr, HAS_OB: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, RP: tl.constexpr,
     NP: tl.constexpr, PX: tl.constexpr, BDM: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, F32: tl.constexpr,
 ):
@@ -292,12 +321,15 @@ def _out_kernel(
             part += tl.where(pid_e == 0, ob_v, 0.0)[None, :]
         tl.store(parts_ptr + pid_e * s_pp + ob[:, None] * Dm + offs_d[None, :], part,
                  mask=bmask[:, None] & dmask[None, :])
+    if LAST:
+        _last_sums(ctr_ptr, pid_b, parts_ptr, s_pp, hf_ptr, Dm, ob, bmask, BB, LWC, LPF)
 
 
 # --------------------------------------------------------------------------- host side
 
 
 MAX_ROW_BLOCK = 1024  # widest d_model chunk loaded at once (tests lower it to reach the loop)
+LAST_MIN_D_MODEL = 256  # wider models reduce shares in the last program (tests lower it)
 
 
 def _p2(x: int) -> int:
@@ -333,6 +365,15 @@ class StepPlan:
         self.n_parts = triton.cdiv(d_inner, self.BE_out)
         self.n_xparts = triton.cdiv(d_inner, self.BE_in)
         self.nb = triton.cdiv(batch, self.BB)
+        # Wide models and tl.dot tiles: the last program of each kernel sums the per-block
+        # shares once (atomic arrival counter), so the next kernel reads one row instead of
+        # every program re-reading all shares. Small models keep the plain shares (less tail).
+        self.last = self.dot or d_model > LAST_MIN_D_MODEL
+        XW = dt_rank + 2 * d_state
+        self.LWC1 = _p2(XW)
+        self.LPF1 = max(1, min(_p2(self.n_xparts), 8192 // (self.BB * self.LWC1)))
+        self.LWC2 = min(DMP, 512 if self.BB == 1 else 64)
+        self.LPF2 = max(1, min(_p2(self.n_parts), 8192 // (self.BB * self.LWC2)))
 
 
 def _src_args(src):
@@ -345,7 +386,8 @@ def _src_args(src):
 
 
 def mixer_in_step(plan: StepPlan, src, res_in, res_out, norm_w, norm_b, eps, is_rms,
-                  w_in, b_in, conv_state, conv_w, conv_b, x_out, z_out, w_x, xdbl_out):
+                  w_in, b_in, conv_state, conv_w, conv_b, x_out, z_out, w_x, xdbl_out,
+                  xdbl_final=None, counters=None):
     """First half of a layer's decoding step (see the module docstring).
 
     src: (P, batch, d_model) float32 partials of the previous layer's out_proj, or
@@ -354,7 +396,8 @@ def mixer_in_step(plan: StepPlan, src, res_in, res_out, norm_w, norm_b, eps, is_
     w_in (2E, d_model); conv_state (batch, E, K) updated in place; conv_w (E, K);
     x_out, z_out (batch, E) float32 receive silu(conv) and z; w_x (R + 2N, E) is x_proj's
     weight and xdbl_out (n_xparts, batch, R + 2N) float32 receives each block's share of
-    x_proj(x).
+    x_proj(x); with ``plan.last`` the last program also sums them into xdbl_final
+    (batch, R + 2N), using counters (int32 (nb,), zero, left zero).
     """
     p = plan
     parts, P, s_pp, s_pb, ids, emb, s_eb, from_ids = _src_args(src)
@@ -367,8 +410,9 @@ def mixer_in_step(plan: StepPlan, src, res_in, res_out, norm_w, norm_b, eps, is_
         b_in if b_in is not None else norm_w,
         conv_state, *conv_state.stride(), conv_w, *conv_w.stride(),
         conv_b if conv_b is not None else norm_w,
-        x_out, z_out, w_x, w_x.stride(0), xdbl_out, xdbl_out.stride(0), p.R,
-        p.N, p.batch, p.d_model, p.E, RP=p.RP, NP=p.NP, HEAD=False, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
+        x_out, z_out, w_x, w_x.stride(0), xdbl_out, xdbl_out.stride(0),
+        xdbl_final if p.last else x_out, counters if p.last else x_out, p.R,
+        p.N, p.batch, p.d_model, p.E, LAST=p.last, LWC=p.LWC1, LPF=p.LPF1, RP=p.RP, NP=p.NP, HEAD=False, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
         HAS_NB=norm_b is not None, HAS_WB=b_in is not None, HAS_CB=conv_b is not None,
         K=K, KP=_p2(K), BB=p.BB, BE=p.BE_in, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec, F32=p.f32,
         num_warps=p.warps)
@@ -384,19 +428,20 @@ def head_step(plan: StepPlan, src, res_in, norm_w, norm_b, eps, is_rms, w_head, 
     _in_kernel[grid](
         parts, P, s_pp, s_pb, res_in if res_in is not None else logits, logits, ids, emb, s_eb,
         norm_w, norm_b if norm_b is not None else norm_w, float(eps), w_head, w_head.stride(0),
-        norm_w, logits, 0, 0, 0, norm_w, 0, 0, norm_w, logits, logits, w_head, 0, logits, 0, 0, 0,
-        p.batch, p.d_model, V, RP=1, NP=1, HEAD=True, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
+        norm_w, logits, 0, 0, 0, norm_w, 0, 0, norm_w, logits, logits, w_head, 0, logits, 0,
+        logits, logits, 0, 0, p.batch, p.d_model, V, LAST=False, LWC=1, LPF=1, RP=1, NP=1, HEAD=True, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
         HAS_NB=norm_b is not None, HAS_WB=False, HAS_CB=False, K=1, KP=1,
         BB=p.BB, BE=BE, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
 
 
 def mixer_out_step(plan: StepPlan, x, z, xdbl, w_dt, dt_bias, A_log, D, ssm_state, w_out, b_out,
-                   parts_out):
+                   parts_out, hidden_final=None, counters=None):
     """Second half: x_proj, dt, state update (in place), gate, out_proj partials.
 
     x, z (batch, E) float32; xdbl (n_xparts, batch, R + 2N) float32 shares of x_proj(x); w_dt (E, R); dt_bias, D (E,); A_log (E, N);
     ssm_state (batch, E, N) float32; w_out (d_model, E); parts_out (n_parts, batch, d_model)
-    float32 receives one out_proj partial per channel block.
+    float32 receives one out_proj partial per channel block; with ``plan.last`` the last
+    program sums them into hidden_final (batch, d_model), using counters (int32 (nb,)).
     """
     p = plan
     N = ssm_state.shape[-1]
@@ -407,7 +452,8 @@ def mixer_out_step(plan: StepPlan, x, z, xdbl, w_dt, dt_bias, A_log, D, ssm_stat
         A_log.stride(0), D,
         ssm_state, *ssm_state.stride(), w_out, w_out.stride(0),
         b_out if b_out is not None else D, parts_out, parts_out.stride(0),
-        p.batch, p.E, R, N, p.d_model,
+        hidden_final if p.last else parts_out, counters if p.last else parts_out,
+        p.batch, p.E, R, N, p.d_model, LAST=p.last, LWC=p.LWC2, LPF=p.LPF2,
         HAS_OB=b_out is not None, BB=p.BB, BE=p.BE_out, RP=p.RP, NP=p.NP, PX=p.PX,
         BDM=p.BDM, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
 

@@ -62,7 +62,12 @@ def fused_lm_step(model: nn.Module, ids_t: Tensor, cache: list) -> Tensor:
     res = [torch.empty(batch, cfg.d_model, **f32) for _ in range(2)]
     x = torch.empty(batch, m0.d_inner, **f32)
     z = torch.empty(batch, m0.d_inner, **f32)
-    xdbl = torch.empty(plan.n_xparts, batch, m0.dt_rank + 2 * m0.d_state, **f32)
+    XW = m0.dt_rank + 2 * m0.d_state
+    xdbl = torch.empty(plan.n_xparts, batch, XW, **f32)
+    if plan.last:  # one-row sums made by the last program of each kernel
+        xdbl_final = torch.empty(1, batch, XW, **f32)
+        hidden = [torch.empty(1, batch, cfg.d_model, **f32) for _ in range(2)]
+        counters = torch.zeros(2, plan.nb, dtype=torch.int32, device=dev)
     src = (ids_t, bb.embedding.weight)
     res_in = None
     for i, (layer, (conv_state, ssm_state)) in enumerate(zip(bb.layers, cache)):
@@ -70,11 +75,15 @@ def fused_lm_step(model: nn.Module, ids_t: Tensor, cache: list) -> Tensor:
         nw, nb, eps, is_rms = _norm_args(layer.norm)
         mixer_in_step(plan, src, res_in, res[i % 2], nw, nb, eps, is_rms,
                       mx.in_proj.weight, mx.in_proj.bias, conv_state, mx.conv1d.weight[:, 0, :],
-                      mx.conv1d.bias, x, z, mx.x_proj.weight, xdbl)
-        mixer_out_step(plan, x, z, xdbl, mx.dt_proj.weight, mx.dt_proj.bias,
-                       mx.A_log, mx.D, ssm_state, mx.out_proj.weight, mx.out_proj.bias,
-                       parts[i % 2])
-        src, res_in = parts[i % 2], res[i % 2]
+                      mx.conv1d.bias, x, z, mx.x_proj.weight, xdbl,
+                      xdbl_final[0] if plan.last else None, counters[0] if plan.last else None)
+        mixer_out_step(plan, x, z, xdbl_final if plan.last else xdbl, mx.dt_proj.weight,
+                       mx.dt_proj.bias, mx.A_log, mx.D, ssm_state, mx.out_proj.weight,
+                       mx.out_proj.bias, parts[i % 2],
+                       hidden[i % 2][0] if plan.last else None,
+                       counters[1] if plan.last else None)
+        src = hidden[i % 2] if plan.last else parts[i % 2]
+        res_in = res[i % 2]
     nw, nb, eps, is_rms = _norm_args(bb.norm_f)
     logits = torch.empty(batch, model.lm_head.weight.shape[0], **f32)
     head_step(plan, src, res_in, nw, nb, eps, is_rms, model.lm_head.weight, logits)
