@@ -365,10 +365,10 @@ class StepPlan:
         self.n_parts = triton.cdiv(d_inner, self.BE_out)
         self.n_xparts = triton.cdiv(d_inner, self.BE_in)
         self.nb = triton.cdiv(batch, self.BB)
-        # Wide models and tl.dot tiles: the last program of each kernel sums the per-block
+        # Wide models at batch < 16: the last program of each kernel sums the per-block
         # shares once (atomic arrival counter), so the next kernel reads one row instead of
         # every program re-reading all shares. Small models keep the plain shares (less tail).
-        self.last = self.dot or d_model > LAST_MIN_D_MODEL
+        self.last = not self.dot and d_model > LAST_MIN_D_MODEL
         XW = dt_rank + 2 * d_state
         self.LWC1 = _p2(XW)
         self.LPF1 = max(1, min(_p2(self.n_xparts), 8192 // (self.BB * self.LWC1)))

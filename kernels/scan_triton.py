@@ -24,11 +24,18 @@ backward
        end (needs no h).  Skipped when there is one segment.
     2. ``_combine_kernel`` run backwards over segments: the adjoint entering each segment's end;
        ``∂last_state`` enters here.
-    3. ``_bwd_kernel``: per segment, for each K-step sub-chunk from the last: recompute h from
-       its checkpoint into a per-program scratch slot (and ∂z, which needs the pre-gate y), then
-       run the adjoint backwards over it.  ∂B, ∂C are reduced over the BD channels in registers
-       and written as float32 partials (batch, dim/BD, N, L), summed afterwards: deterministic,
-       no atomics.  The grid is persistent so each scratch slot has one owner (and stays in L2).
+    3. ``_bwd_kernel`` (v4, default): per segment, for each K-step sub-chunk from the last:
+       recompute h from its checkpoint into a per-program scratch slot (and ∂z, which needs the
+       pre-gate y), then run the adjoint backwards over it.  ∂B, ∂C are reduced over the BD
+       channels in registers and written as float32 partials (batch, dim/BD, N, L), summed
+       afterwards: deterministic, no atomics.  The grid is persistent so each scratch slot has
+       one owner (and stays in L2).  ``_bwd_kernel_v5`` (SEQLAB_SCAN_BWD=v5) stores h only every
+       4 steps and recomputes the 4 states of a chunk in registers in the adjoint pass; see its
+       docstring and NOTES.md.
+
+Layouts: ``out`` and ∂u, ∂δ, ∂z are allocated like u, δ, z: channels-last (a (batch, L, dim)
+buffer transposed, stride(1) == 1, as nn.Linear hands them over) when the input is, else
+contiguous, so the model does not copy them between layouts.
 
 Scan order: step k = 0..len-1 of a sequence reads position t = bos + k, or t = bos + len-1-k
 with ``reverse``: no flipped copies.  Padded steps (k >= len) get Δ = 0, so Ā = 1 and ΔBu = 0,
@@ -37,6 +44,7 @@ and the carried state passes through untouched.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -46,6 +54,13 @@ Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 SUB_K = 32  # sub-chunk length of the backward's recompute (multiple of every segment length)
 PROGRAMS_PER_SM = 16  # segments are added until the grid has about this many programs per SM
+# Backward variant, read from the environment at every call so both can be timed in one process:
+# SEQLAB_SCAN_BWD=v4 (the measured default) or v5 (NOTES.md "v5 backward").  SEQLAB_SCAN_MAXNREG
+# caps the registers per thread of v5's main kernel (default V5_MAXNREG; 0: no cap, ptxas then
+# takes 255, which allows 8 one-warp programs per SM; 144 allows 14, with a few spills).
+BWD_VARIANTS = ("v4", "v5")
+DEFAULT_BWD = "v4"
+V5_MAXNREG = 144
 # Tests set this to fill every output buffer with NaN before the kernels write it, so an element
 # a kernel forgets to write cannot pass as a plausible value.
 POISON = False
@@ -54,6 +69,17 @@ POISON = False
 def _empty(*shape, dtype, device):
     t = torch.empty(*shape, dtype=dtype, device=device)
     return t.fill_(float("nan")) if POISON else t
+
+
+def _empty_as(x: Tensor, dtype=None) -> Tensor:
+    """Uninitialised (batch, dim, L) buffer laid out like x: channels-last (the (batch, L, dim)
+    buffer transposed, stride(1) == 1, as nn.Linear produces it) when x is, else contiguous.
+    Writing gradients and outputs in their input's layout spares the model a strided copy."""
+    batch, dim, L = x.shape
+    dtype = dtype or x.dtype
+    if x.stride(1) == 1 and dim > 1:
+        return _empty(batch, L, dim, dtype=dtype, device=x.device).transpose(1, 2)
+    return _empty(batch, dim, L, dtype=dtype, device=x.device)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -302,13 +328,28 @@ def _combine_kernel(loc_ptr, dsum_ptr, A2_ptr, init_ptr, carry_ptr, final_ptr, S
 
 
 @triton.jit
+def _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base, sC_l, t, m2, mn2,
+               HAS_Z: tl.constexpr):
+    """The tiles of one chunk that the segment-local adjoint reads, in their storage dtypes: g, z
+    (a stand-in without z), delta (BD, 8) and C (NP, 8)."""
+    gt = tl.load(g_base[:, None] + t[None, :] * sg_l, mask=m2, other=0.0)
+    if HAS_Z:
+        zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
+    else:
+        zt = gt
+    raw = tl.load(dt_base[:, None] + t[None, :] * sdt_l, mask=m2, other=0.0)
+    Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0)
+    return gt, zt, raw, Ct
+
+
+@triton.jit
 def _bwd_local_kernel(
     g_ptr, dt_ptr, z_ptr, C_ptr, A2_ptr, bias_ptr, cu_ptr, muloc_ptr,
     L, dim, N, dpg, S,
     sg_b, sg_d, sg_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sC_b, sC_g, sC_n, sC_l,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     """Adjoint at each segment's start (∂L/∂h just before it) from a zero adjoint at its end."""
     pid_d = tl.program_id(0)
@@ -332,18 +373,32 @@ def _bwd_local_kernel(
     C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
     mu = tl.zeros([BD, NP], dtype=tl.float32)
     k0 = s * T
+    t, valid = _chunk_pos(k0, T // 8 - 1, bos, seqlen, REVERSE)
+    ng, nz, nraw, nC = _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base, sC_l, t,
+                                  dmask[:, None] & valid[None, :],
+                                  nmask[:, None] & valid[None, :], HAS_Z)
     for cc in tl.range(T // 8, num_stages=STAGES):
         t, valid = _chunk_pos(k0, T // 8 - 1 - cc, bos, seqlen, REVERSE)
         m2 = dmask[:, None] & valid[None, :]
         mn2 = nmask[:, None] & valid[None, :]
-        gy = tl.load(g_base[:, None] + t[None, :] * sg_l, mask=m2, other=0.0).to(tl.float32)
+        if PREFETCH:
+            # v5: the previous chunk's tiles load while this one is computed (as the forward)
+            rg, rz, rraw, rC = ng, nz, nraw, nC
+            tn, vn = _chunk_pos(k0, T // 8 - 2 - cc, bos, seqlen, REVERSE)
+            vn = vn & (cc + 1 < T // 8)
+            ng, nz, nraw, nC = _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base,
+                                          sC_l, tn, dmask[:, None] & vn[None, :],
+                                          nmask[:, None] & vn[None, :], HAS_Z)
+        else:
+            rg, rz, rraw, rC = _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base,
+                                          sC_l, t, m2, mn2, HAS_Z)
+        gy = rg.to(tl.float32)
         if HAS_Z:
-            zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
-            zt = zt.to(tl.float32)
+            zt = rz.to(tl.float32)
             gy = gy * zt * tl.sigmoid(zt)
-        raw = tl.load(dt_base[:, None] + t[None, :] * sdt_l, mask=m2, other=0.0).to(tl.float32)
-        delta = tl.where(m2, _delta_of(raw, bias[:, None], HAS_BIAS, SOFTPLUS), 0.0)
-        Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0).to(tl.float32)
+        delta = tl.where(m2, _delta_of(rraw.to(tl.float32), bias[:, None], HAS_BIAS, SOFTPLUS),
+                         0.0)
+        Ct = rC.to(tl.float32)
         d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
         g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy)
         C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct)
@@ -384,6 +439,7 @@ def _bwd_kernel(
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     smu_i, smu_s, smu_d, smu_n,
+    sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l, sdz_b, sdz_d, sdz_l,
     T: tl.constexpr, K: tl.constexpr, HAS_MU: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
@@ -391,8 +447,9 @@ def _bwd_kernel(
 ):
     """Gradients of one segment per work item; persistent grid (one scratch slot per program).
 
-    du, ddt, dz: (batch, dim, L) contiguous in the input dtypes; dBp, dCp: (batch, dim/BD, N, L)
-    float32 partials; dAp (nseq, S, dim, N), dDp and dbp (nseq, S, dim) float32 partials;
+    du, ddt, dz: (batch, dim, L) in the input dtypes and layouts (strides sdu, sdd, sdz); dBp,
+    dCp: (batch, dim/BD, N, L) float32 partials; dAp (nseq, S, dim, N), dDp and dbp (nseq, S, dim)
+    float32 partials;
     dinit (nseq, dim, N) float32.  ckpt: the forward's states before each K-step sub-chunk;
     scratch: (programs, K, BD, NP) float32, h at each step of the current sub-chunk.
     """
@@ -428,8 +485,9 @@ def _bwd_kernel(
         dt_base = dt_ptr + row * sdt_b + od * sdt_d
         z_base = z_ptr + row * sz_b + od * sz_d
         g_base = g_ptr + row * sg_b + od * sg_d
-        # gradient outputs are contiguous (batch, dim, L)
-        o_base = row * dim * L + od * L
+        du_base = du_ptr + row * sdu_b + od * sdu_d
+        dd_base = ddt_ptr + row * sdd_b + od * sdd_d
+        dz_base = dz_ptr + row * sdz_b + od * sdz_d
         B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
         C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
         p_base = (row * ndb + pid_d) * N * L + offs_n.to(tl.int64) * L
@@ -485,8 +543,8 @@ def _bwd_kernel(
                     zt = zt.to(tl.float32)
                     sz = tl.sigmoid(zt)
                     dz = gt.to(tl.float32) * y * sz * (1.0 + zt * (1.0 - sz))
-                    tl.store(dz_ptr + o_base[:, None] + t[None, :], dz.to(dz_ptr.dtype.element_ty),
-                             mask=m2)
+                    tl.store(dz_base[:, None] + t[None, :] * sdz_l,
+                             dz.to(dz_ptr.dtype.element_ty), mask=m2)
                 else:
                     h = _fstep(h, A2, d0, x0, B0)
                     tl.store(hb, h)
@@ -551,9 +609,10 @@ def _bwd_kernel(
                 db_acc += tl.sum(ddelta, axis=1)
                 du = _join8(v0, v1, v2, v3, v4, v5, v6, v7) + gy * Dv[:, None]
                 dD_acc += tl.sum(gy * u, axis=1)
-                ot = o_base[:, None] + t[None, :]
-                tl.store(du_ptr + ot, du.to(du_ptr.dtype.element_ty), mask=m2)
-                tl.store(ddt_ptr + ot, ddelta.to(ddt_ptr.dtype.element_ty), mask=m2)
+                tl.store(du_base[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty),
+                         mask=m2)
+                tl.store(dd_base[:, None] + t[None, :] * sdd_l,
+                         ddelta.to(ddt_ptr.dtype.element_ty), mask=m2)
                 pt = p_base[:, None] + t[None, :]
                 tl.store(dBp_ptr + pt, _join8(b0, b1, b2, b3, b4, b5, b6, b7), mask=mn2)
                 tl.store(dCp_ptr + pt, _join8(c0, c1, c2, c3, c4, c5, c6, c7), mask=mn2)
@@ -565,6 +624,296 @@ def _bwd_kernel(
         if s == 0:
             tl.store(dinit_ptr + i * dim * N + offs_d[:, None] * N + offs_n[None, :], mu,
                      mask=tmask)
+
+
+# --------------------------------------------------------------------------- backward v5
+@triton.jit
+def _split4(x):
+    """(R, 4) -> its 4 columns (R,)."""
+    R: tl.constexpr = x.shape[0]
+    e, o = tl.split(tl.reshape(x, (R, 2, 2)))
+    c0, c2 = tl.split(e)
+    c1, c3 = tl.split(o)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _join4(c0, c1, c2, c3):
+    """Inverse of _split4."""
+    R: tl.constexpr = c0.shape[0]
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (R, 4))
+
+
+@triton.jit
+def _pos(k0, c, CH: tl.constexpr, bos, seqlen, REVERSE: tl.constexpr):
+    """Positions (CH,) int64 of steps k0 + CH c .. + CH-1 and their validity."""
+    k = k0 + c * CH + tl.arange(0, CH)
+    if REVERSE:
+        t = bos + seqlen - 1 - k
+    else:
+        t = bos + k
+    return t, (k < seqlen) & (k >= 0)
+
+
+@triton.jit
+def _tpos(k, bos, seqlen, REVERSE: tl.constexpr):
+    """Position (scalar int64) of step k and its validity."""
+    if REVERSE:
+        t = bos + seqlen - 1 - k
+    else:
+        t = bos + k
+    return t, (k < seqlen) & (k >= 0)
+
+
+@triton.jit
+def _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l, C_base, sC_l, z_base, sz_l, g_base, sg_l,
+             t, m2, mn2, HAS_Z: tl.constexpr):
+    """One chunk's tiles in their storage dtypes: u, delta, z, g (BD, CH); B, C (NP, CH); z is a
+    stand-in (u) without z so the loop-carried types stay fixed."""
+    u = tl.load(u_base[:, None] + t[None, :] * su_l, mask=m2, other=0.0)
+    raw = tl.load(dt_base[:, None] + t[None, :] * sdt_l, mask=m2, other=0.0)
+    Bt = tl.load(B_base[:, None] + t[None, :] * sB_l, mask=mn2, other=0.0)
+    Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0)
+    gt = tl.load(g_base[:, None] + t[None, :] * sg_l, mask=m2, other=0.0)
+    if HAS_Z:
+        zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
+    else:
+        zt = u
+    return u, raw, Bt, Ct, zt, gt
+
+
+@triton.jit
+def _gate(rg, rz, HAS_Z: tl.constexpr):
+    """(g, gy = g silu(z), sigmoid(z), z) in float32 from raw tiles (z terms are stand-ins
+    without z)."""
+    g = rg.to(tl.float32)
+    if HAS_Z:
+        zt = rz.to(tl.float32)
+        sz = tl.sigmoid(zt)
+        gy = g * zt * sz
+    else:
+        zt = g
+        sz = g
+        gy = g
+    return g, gy, sz, zt
+
+
+@triton.jit
+def _p1step(h, A2, d, x, Bv, Cv, gy, HAS_Z: tl.constexpr):
+    """Recompute step of pass 1: h_t; y_t (pre-gate, without D u) when z needs it; ∂C_t summed
+    over the block's channels."""
+    h = tl.exp2(d[:, None] * A2) * h + x[:, None] * Bv[None, :]
+    dc = tl.sum(gy[:, None] * h, axis=0)
+    if HAS_Z:
+        y = tl.sum(h * Cv[None, :], axis=1)
+    else:
+        y = gy
+    return h, y, dc
+
+
+@triton.jit
+def _p2step(mu, dA_acc, s, A2, d, x, Bv, Cv, gy):
+    """Adjoint step t (from the last): mu = ∂L/∂h_t from later steps (decayed), s = h_{t-1}.
+    Returns the decayed adjoint for t-1, dA_acc, Σ_n λ B (∂u / Δ, (BD,)), Σ_n A2 λ Ā h_{t-1}
+    ((BD,), ∂Δ's decay term / ln 2) and ∂B_t summed over the block's channels (NP,)."""
+    lam = gy[:, None] * Cv[None, :] + mu
+    db = tl.sum(lam * x[:, None], axis=0)
+    lb = tl.sum(lam * Bv[None, :], axis=1)
+    # Ā_t again rather than kept from the recompute: 4 (BD, NP) tiles fewer live registers.
+    # (d + 0.0 is not folded, so the compiler cannot reuse the recompute's values.)
+    mu = tl.exp2((d + 0.0)[:, None] * A2) * lam
+    ge = mu * s  # λ_t Ā_t h_{t-1}: gradient of the exponent Δ A
+    dA_acc += d[:, None] * ge
+    return mu, dA_acc, lb, tl.sum(A2 * ge, axis=1), db
+
+
+@triton.jit
+def _store_bc4(base, t, valid, N, offs_n, nmask, v0, v1, v2, v3):
+    """Store 4 steps' (NP,) ∂B or ∂C partials as one (NP, 4) tile into the (L, N) rows."""
+    tl.store(base + t[None, :] * N + offs_n[:, None], _join4(v0, v1, v2, v3),
+             mask=nmask[:, None] & valid[None, :])
+
+
+@triton.jit
+def _bwd_kernel_v5(
+    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr, g_ptr,
+    ckpt_ptr, muend_ptr, scratch_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dinit_ptr,
+    L, dim, N, dpg, S, n_work, ndb,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
+    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    smu_i, smu_s, smu_d, smu_n,
+    sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l, sdz_b, sdz_d, sdz_l,
+    T: tl.constexpr, K: tl.constexpr, HAS_MU: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """v5 gradients: one segment per program (grid = work items, scratch slot = program id).
+
+    Per K-step sub-chunk, from the last:
+      pass 1 runs h forward from the forward's checkpoint over 4-step tiles, the next tiles
+        prefetched as in the forward; it writes ∂z (needs the pre-gate y), ∂C_t (reduced over
+        the BD channels) and stores h every CH = 4 steps into scratch (K/4 states per sub-chunk
+        where v4 stores all K: a quarter of v4's scratch traffic, which was ~4 GB per call at
+        (8, 2048, 2048)).
+      pass 2 walks the 4-step chunks backwards: it reloads the chunk's start state, recomputes
+        the 3 states after it in registers and runs the adjoint over the 4 steps; ∂B_t reduced
+        over the channels, ∂u and ∂Δ written per chunk.  The decays are computed again in the
+        adjoint instead of being kept (4 tiles fewer live registers).
+    Compared with v4: no per-step scratch store/load (and none of its L2 latency in the adjoint),
+    4-step instead of 8-step splits (v4 holds 8 steps of six inputs and outputs in registers and
+    took 255 registers with spills: 8 programs per SM), ∂C moved to the recompute pass, ∂B/∂C
+    written as (NP, 4) tiles, no persistent loop.  Launched with maxnreg (plan.maxnreg).
+
+    dBp, dCp: (batch, dim/BD, L, N) float32 partials (rows of N per step: the 4-step tiles are
+    contiguous).  du, ddt, dz in their inputs' layouts; other outputs as :func:`_bwd_kernel`.
+    """
+    NSUB: tl.constexpr = T // K
+    CH: tl.constexpr = 4
+    NCH: tl.constexpr = K // CH
+    TS: tl.constexpr = BD * NP
+    LN2: tl.constexpr = 0.6931471805599453
+    w = tl.program_id(0)
+    offs_bd = tl.arange(0, BD)
+    offs_n = tl.arange(0, NP)
+    nmask = offs_n < N
+    tile = offs_bd[:, None] * NP + offs_n[None, :]
+    hs_base = scratch_ptr + w.to(tl.int64) * (NCH * TS)
+    pid_d = w % ndb
+    s = ((w // ndb) % S).to(tl.int64)
+    i = (w // (ndb * S)).to(tl.int64)
+    row, bos, seqlen = _seq_bounds(cu_ptr, i, L, VARLEN)
+    offs_d = pid_d * BD + offs_bd
+    dmask = offs_d < dim
+    tmask = dmask[:, None] & nmask[None, :]
+    grp = (pid_d * BD) // dpg
+    A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0)
+    else:
+        bias = tl.zeros([BD], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=dmask, other=0.0)
+    else:
+        Dv = tl.zeros([BD], dtype=tl.float32)
+    od = offs_d.to(tl.int64)
+    u_base = u_ptr + row * su_b + od * su_d
+    dt_base = dt_ptr + row * sdt_b + od * sdt_d
+    z_base = z_ptr + row * sz_b + od * sz_d
+    g_base = g_ptr + row * sg_b + od * sg_d
+    du_base = du_ptr + row * sdu_b + od * sdu_d
+    dd_base = ddt_ptr + row * sdd_b + od * sdd_d
+    dz_base = dz_ptr + row * sdz_b + od * sdz_d
+    B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
+    C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
+    p_off = (row * ndb + pid_d) * L * N
+    dB_base = dBp_ptr + p_off
+    dC_base = dCp_ptr + p_off
+    k0 = s * T
+    ck_base = ckpt_ptr + (i * S + s) * NSUB * dim * N + offs_d[:, None] * N + offs_n[None, :]
+    if HAS_MU:
+        mu = tl.load(muend_ptr + i * smu_i + s * smu_s + offs_d[:, None] * smu_d
+                     + offs_n[None, :] * smu_n, mask=tmask, other=0.0)
+    else:
+        mu = tl.zeros([BD, NP], dtype=tl.float32)
+    dA_acc = tl.zeros([BD, NP], dtype=tl.float32)
+    dD_acc = tl.zeros([BD, CH], dtype=tl.float32)  # summed over time once, at the end
+    db_acc = tl.zeros([BD], dtype=tl.float32)
+    for jj in range(NSUB):
+        j = NSUB - 1 - jj
+        # ---- pass 1: h forward over the sub-chunk; ∂z, ∂C; h every CH steps into scratch
+        h = tl.load(ck_base + j * dim * N, mask=tmask, other=0.0)
+        t, valid = _pos(k0, j * NCH, CH, bos, seqlen, REVERSE)
+        nu, nraw, nB, nC, nz, ng = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l, C_base,
+                                            sC_l, z_base, sz_l, g_base, sg_l, t,
+                                            dmask[:, None] & valid[None, :],
+                                            nmask[:, None] & valid[None, :], HAS_Z)
+        for cl in range(NCH):
+            cq = j * NCH + cl
+            t, valid = _pos(k0, cq, CH, bos, seqlen, REVERSE)
+            m2 = dmask[:, None] & valid[None, :]
+            ru, rraw, rB, rC, rz, rg = nu, nraw, nB, nC, nz, ng
+            tn, vn = _pos(k0, cq + 1, CH, bos, seqlen, REVERSE)
+            vn = vn & (cl + 1 < NCH)
+            nu, nraw, nB, nC, nz, ng = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
+                                                C_base, sC_l, z_base, sz_l, g_base, sg_l, tn,
+                                                dmask[:, None] & vn[None, :],
+                                                nmask[:, None] & vn[None, :], HAS_Z)
+            tl.store(hs_base + cl * TS + tile, h)
+            u = ru.to(tl.float32)
+            delta = tl.where(m2, _delta_of(rraw.to(tl.float32), bias[:, None], HAS_BIAS,
+                                           SOFTPLUS), 0.0)
+            x = delta * u
+            g, gy, sz, zt = _gate(rg, rz, HAS_Z)
+            dD_acc += gy * u
+            d0, d1, d2, d3 = _split4(delta)
+            x0, x1, x2, x3 = _split4(x)
+            B0, B1, B2, B3 = _split4(rB.to(tl.float32))
+            C0, C1, C2, C3 = _split4(rC.to(tl.float32))
+            g0, g1, g2, g3 = _split4(gy)
+            h, y0, c0 = _p1step(h, A2, d0, x0, B0, C0, g0, HAS_Z)
+            h, y1, c1 = _p1step(h, A2, d1, x1, B1, C1, g1, HAS_Z)
+            h, y2, c2 = _p1step(h, A2, d2, x2, B2, C2, g2, HAS_Z)
+            h, y3, c3 = _p1step(h, A2, d3, x3, B3, C3, g3, HAS_Z)
+            _store_bc4(dC_base, t, valid, N, offs_n, nmask, c0, c1, c2, c3)
+            if HAS_Z:
+                y = _join4(y0, y1, y2, y3) + Dv[:, None] * u
+                dz = g * y * sz * (1.0 + zt * (1.0 - sz))
+                tl.store(dz_base[:, None] + t[None, :] * sdz_l, dz.to(dz_ptr.dtype.element_ty),
+                         mask=m2)
+        tl.debug_barrier()
+        # ---- pass 2: adjoint over the CH-step chunks, last first
+        for cc in range(NCH):
+            cl = NCH - 1 - cc
+            cq = j * NCH + cl
+            t, valid = _pos(k0, cq, CH, bos, seqlen, REVERSE)
+            m2 = dmask[:, None] & valid[None, :]
+            # no prefetch here: pass 1 has just brought these lines into L1/L2
+            ru, rraw, rB, rC, rz, rg = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
+                                                C_base, sC_l, z_base, sz_l, g_base, sg_l, t, m2,
+                                                nmask[:, None] & valid[None, :], HAS_Z)
+            s0 = tl.load(hs_base + cl * TS + tile)
+            u = ru.to(tl.float32)
+            raw = rraw.to(tl.float32)
+            delta = tl.where(m2, _delta_of(raw, bias[:, None], HAS_BIAS, SOFTPLUS), 0.0)
+            x = delta * u
+            g, gy, sz, zt = _gate(rg, rz, HAS_Z)
+            d0, d1, d2, d3 = _split4(delta)
+            x0, x1, x2, x3 = _split4(x)
+            B0, B1, B2, B3 = _split4(rB.to(tl.float32))
+            C0, C1, C2, C3 = _split4(rC.to(tl.float32))
+            g0, g1, g2, g3 = _split4(gy)
+            # the states before steps 1..3 of the chunk, in registers
+            s1 = _fstep(s0, A2, d0, x0, B0)
+            s2 = _fstep(s1, A2, d1, x1, B1)
+            s3 = _fstep(s2, A2, d2, x2, B2)
+            mu, dA_acc, l3, e3, b3 = _p2step(mu, dA_acc, s3, A2, d3, x3, B3, C3, g3)
+            mu, dA_acc, l2, e2, b2 = _p2step(mu, dA_acc, s2, A2, d2, x2, B2, C2, g2)
+            mu, dA_acc, l1, e1, b1 = _p2step(mu, dA_acc, s1, A2, d1, x1, B1, C1, g1)
+            mu, dA_acc, l0, e0, b0 = _p2step(mu, dA_acc, s0, A2, d0, x0, B0, C0, g0)
+            _store_bc4(dB_base, t, valid, N, offs_n, nmask, b0, b1, b2, b3)
+            lb = _join4(l0, l1, l2, l3)
+            ddelta = lb * u + LN2 * _join4(e0, e1, e2, e3)
+            if SOFTPLUS:
+                pre = raw
+                if HAS_BIAS:
+                    pre = raw + bias[:, None]
+                ddelta = ddelta * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre))
+            ddelta = tl.where(m2, ddelta, 0.0)
+            db_acc += tl.sum(ddelta, axis=1)
+            du = lb * delta + gy * Dv[:, None]
+            tl.store(du_base[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty),
+                     mask=m2)
+            tl.store(dd_base[:, None] + t[None, :] * sdd_l,
+                     ddelta.to(ddt_ptr.dtype.element_ty), mask=m2)
+        tl.debug_barrier()
+    pofs = (i * S + s) * dim
+    tl.store(dAp_ptr + pofs * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=tmask)
+    tl.store(dDp_ptr + pofs + offs_d, tl.sum(dD_acc, axis=1), mask=dmask)
+    tl.store(dbp_ptr + pofs + offs_d, db_acc, mask=dmask)
+    if s == 0:
+        tl.store(dinit_ptr + i * dim * N + offs_d[:, None] * N + offs_n[None, :], mu, mask=tmask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -619,15 +968,20 @@ class _Plan:
         self.S = triton.cdiv(self.maxlen, self.T)
         self.stages = 1  # tl.range pipelining of the backward's loops: 2 measured ~4% faster once
         self.num_warps = 1  # 1 warp per program measured faster than 2 or 4 (NOTES.md)
+        self.bwd = os.environ.get("SEQLAB_SCAN_BWD", "").strip().lower() or DEFAULT_BWD
+        if self.bwd not in BWD_VARIANTS:
+            raise ValueError(f"SEQLAB_SCAN_BWD={self.bwd!r}: expected one of {BWD_VARIANTS}")
+        self.maxnreg = int(os.environ.get("SEQLAB_SCAN_MAXNREG", "").strip() or V5_MAXNREG)
 
 
 def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, reverse, cu):
-    """Returns out (batch, dim, L) in u's dtype, last (nseq, dim, N) fp32, the sub-chunk
-    checkpoints (nseq, S, T/K, dim, N) fp32 and dsum (nseq, S, dim) fp32 or None if S == 1."""
+    """Returns out (batch, dim, L) in u's dtype and layout, last (nseq, dim, N) fp32, the
+    sub-chunk checkpoints (nseq, S, T/K, dim, N) fp32 and dsum (nseq, S, dim) fp32 or None if
+    S == 1."""
     batch, dim, L = u.shape
     N, S, nseq = plan.N, plan.S, plan.nseq
     dev = u.device
-    out = _empty(batch, dim, L, dtype=u.dtype, device=dev)
+    out = _empty_as(u)
     last = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
     zz = z if z is not None else u
     dummy = A2
@@ -682,7 +1036,8 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
         muloc = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
         _bwd_local_kernel[(plan.ndb, S, nseq)](
             g, delta, zz, C, A2, biasv, cuv, muloc, L, dim, N, plan.dpg, S,
-            *g.stride(), *delta.stride(), *zz.stride(), *sC, T=plan.T, **flags)
+            *g.stride(), *delta.stride(), *zz.stride(), *sC, T=plan.T,
+            PREFETCH=plan.bwd == "v5", **flags)
         muend = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
         dinit_c = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
         BLK = 256
@@ -690,27 +1045,40 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
             muloc, dsum, A2, dlast if dlast is not None else dummy, muend, dinit_c, S,
             dim * N, N, HAS_INIT=dlast is not None, BACKWARD=True, BLK=BLK)
         smu, has_mu = muend.stride(), True
-    du = _empty(batch, dim, L, dtype=u.dtype, device=dev)
-    ddelta = _empty(batch, dim, L, dtype=delta.dtype, device=dev)
-    dz = _empty(batch, dim, L, dtype=z.dtype, device=dev) if z is not None else None
-    dBp = _empty(batch, plan.ndb, N, L, dtype=torch.float32, device=dev)
-    dCp = _empty(batch, plan.ndb, N, L, dtype=torch.float32, device=dev)
+    du, ddelta = _empty_as(u), _empty_as(delta)
+    dz = _empty_as(z) if z is not None else None
+    v5 = plan.bwd == "v5"
+    # ∂B/∂C partials per channel block: (batch, blocks, N, L) for v4, (batch, blocks, L, N) v5
+    pshape = (batch, plan.ndb, L, N) if v5 else (batch, plan.ndb, N, L)
+    dBp = _empty(*pshape, dtype=torch.float32, device=dev)
+    dCp = _empty(*pshape, dtype=torch.float32, device=dev)
     dAp = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
     dDp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
     dbp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
     dinit = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
     n_work = nseq * S * plan.ndb
-    nprog = min(n_work, 16 * _n_sm(dev))
-    scratch = _empty(nprog, SUB_K, BD, NP, dtype=torch.float32, device=dev)
-    _bwd_kernel[(nprog,)](
+    if v5:
+        # one program per work item; its scratch slot holds h every 4 steps of one sub-chunk
+        nprog, kernel, slot = n_work, _bwd_kernel_v5, SUB_K // 4
+        if plan.maxnreg:
+            flags["maxnreg"] = plan.maxnreg
+    else:
+        nprog, kernel, slot = min(n_work, 16 * _n_sm(dev)), _bwd_kernel, SUB_K
+    scratch = _empty(nprog, slot, BD, NP, dtype=torch.float32, device=dev)
+    kernel[(nprog,)](
         u, delta, zz, B, C, A2, D if D is not None else dummy, biasv, cuv, g,
         ckpt, muend, scratch, du, ddelta, dz if dz is not None else du, dBp, dCp, dAp, dDp, dbp,
         dinit, L, dim, N, plan.dpg, S, n_work, plan.ndb,
         *u.stride(), *delta.stride(), *zz.stride(), *g.stride(), *sB, *sC, *smu,
+        *du.stride(), *ddelta.stride(), *(dz if dz is not None else du).stride(),
         T=plan.T, K=SUB_K, HAS_MU=has_mu, HAS_D=D is not None, **flags)
     G = plan.groups
-    dB = dBp.view(batch, G, plan.ndb // G, N, L).sum(2)
-    dC = dCp.view(batch, G, plan.ndb // G, N, L).sum(2)
+    if v5:
+        dB = dBp.view(batch, G, plan.ndb // G, L, N).sum(2).transpose(-1, -2)
+        dC = dCp.view(batch, G, plan.ndb // G, L, N).sum(2).transpose(-1, -2)
+    else:
+        dB = dBp.view(batch, G, plan.ndb // G, N, L).sum(2)
+        dC = dCp.view(batch, G, plan.ndb // G, N, L).sum(2)
     if B.dim() == 3:
         dB = dB[:, 0]
     if C.dim() == 3:

@@ -26,6 +26,13 @@ def poison(monkeypatch):
     monkeypatch.setattr(scan_triton, "POISON", True)
 
 
+@pytest.fixture(params=scan_triton.BWD_VARIANTS)
+def bwd(request, monkeypatch):
+    """Run the test with each backward variant (selected through SEQLAB_SCAN_BWD)."""
+    monkeypatch.setenv("SEQLAB_SCAN_BWD", request.param)
+    return request.param
+
+
 def rel_err(a, b):
     """||a - b|| / ||b||; the floor 1e-6 keeps an exactly-zero reference (dA at L=1 without an
     initial state) from turning float32 rounding into an infinite relative error."""
@@ -47,7 +54,21 @@ def make_case(batch, dim, length, N, dtype, groups=None, D=True, z=True, bias=Tr
 
     nseq = batch if cu is None else len(cu) - 1
     bc_shape = (batch, N, length) if groups is None else (batch, groups, N, length)
-    if channels_last:
+    B, C = io(rnd(*bc_shape)), io(rnd(*bc_shape))
+    if channels_last == "mixed":
+        # u channels-last, delta contiguous, z the second half of a (batch, L, 2 dim) buffer
+        u = io(rnd(batch, length, dim)).transpose(1, 2)
+        delta = io(rnd(batch, dim, length, scale=0.5))
+        zz = io(rnd(batch, length, 2 * dim)).transpose(1, 2)[:, dim:]
+    elif channels_last == "model":
+        # as the Mamba mixer passes them: u, delta channels-last; z half of in_proj's output;
+        # B, C column slices of x_proj's (batch, L, R + 2N) output, transposed
+        u, delta = (io(rnd(batch, length, dim, scale=s)).transpose(1, 2) for s in (1.0, 0.5))
+        zz = io(rnd(batch, length, 2 * dim)).transpose(1, 2)[:, dim:]
+        if groups is None:
+            x_dbl = io(rnd(batch, length, 3 + 2 * N)).transpose(1, 2)
+            B, C = x_dbl[:, 3:3 + N], x_dbl[:, 3 + N:]
+    elif channels_last:
         # views of (batch, L, dim) tensors, as a Linear layer produces them: stride 1 on dim
         u, delta, zz = (io(rnd(batch, length, dim, scale=s)).transpose(1, 2)
                         for s in (1.0, 0.5, 1.0))
@@ -57,7 +78,7 @@ def make_case(batch, dim, length, N, dtype, groups=None, D=True, z=True, bias=Tr
     case = dict(
         u=u, delta=delta,
         A=(-torch.rand(dim, N, generator=g) * 2 - 0.05).to(DEV),
-        B=io(rnd(*bc_shape)), C=io(rnd(*bc_shape)),
+        B=B, C=C,
         D=rnd(dim).to(DEV) if D else None,
         z=zz if z else None,
         delta_bias=rnd(dim, scale=0.3).to(DEV) if bias else None,
@@ -66,15 +87,33 @@ def make_case(batch, dim, length, N, dtype, groups=None, D=True, z=True, bias=Tr
     return case, nseq
 
 
+def same_strides(x):
+    """A copy of x with x's exact strides (also a view's gaps), as a fresh leaf."""
+    y = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    return y.copy_(x.detach()).requires_grad_(True)
+
+
+def assert_layout_like(x, like, name):
+    """x (batch, dim, L) is stored like its input: a dense channels-last (batch, L, dim) buffer
+    transposed when the input has stride 1 on dim, else contiguous."""
+    if like.stride(1) == 1 and like.shape[1] > 1:
+        assert x.stride(1) == 1 and x.stride(2) == x.shape[1] \
+            and x.stride(0) == x.shape[1] * x.shape[2], f"{name}: strides {x.stride()}"
+    else:
+        assert x.is_contiguous(), f"{name}: strides {x.stride()}, expected contiguous"
+
+
 def check(case, nseq, dtype, softplus=True, reverse=False, cu=None):
-    """Triton vs reference: out, last_state and the gradient of every tensor input."""
+    """Triton vs reference: out, last_state and the gradient of every tensor input; out and the
+    gradients of u, delta, z laid out like u, delta, z."""
     cut = None if cu is None else torch.tensor(cu, device=DEV)
     names = [k for k in NAMES if case[k] is not None]
-    tri = {k: case[k].detach().clone().requires_grad_(True) for k in names}
+    tri = {k: same_strides(case[k]) for k in names}
     ref = {k: case[k].detach().double().requires_grad_(True) for k in names}
     kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse, cu_seqlens=cut)
     out, last = selective_scan(**{**case, **tri}, **kw, impl="triton")
     assert out.dtype == case["u"].dtype and out.shape == case["u"].shape
+    assert_layout_like(out, case["u"], "out")
     assert last.dtype == torch.float32 and last.shape == (nseq, *case["A"].shape)
     rout, rlast = selective_scan_reference(**{**case, **ref}, **kw)
     gout = torch.randn(out.shape, device=DEV).to(out.dtype)
@@ -87,6 +126,8 @@ def check(case, nseq, dtype, softplus=True, reverse=False, cu=None):
     errs = {"out": rel_err(out, rout), "last_state": rel_err(last, rlast)}
     for k, gt, gr in zip(names, grads, rgrads):
         assert gt.dtype == case[k].dtype, k
+        if k in ("u", "delta", "z"):
+            assert_layout_like(gt, case[k], "d" + k)
         errs["d" + k] = rel_err(gt, gr)
     bad = {k: v for k, v in errs.items() if not v <= tol}
     assert not bad, f"errors over {tol}: {bad} (all: {errs})"
@@ -111,11 +152,18 @@ CASES = [
     pytest.param(dict(batch=2, dim=6, length=1, N=1, dtype=torch.float16, D=False, z=False,
                       bias=False), dict(softplus=False),
                  id="B2-D6-L1-N1-fp16-no-D-z-bias-softplus"),
+    # output/gradient layouts: channels-last inputs give channels-last out, du, ddelta, dz
+    pytest.param(dict(batch=1, dim=4, length=130, N=4, dtype=torch.float32,
+                      channels_last="model"), dict(reverse=True),
+                 id="B1-D4-L130-N4-fp32-model-layout-reverse-segments"),
+    pytest.param(dict(batch=1, dim=4, length=90, N=4, dtype=torch.bfloat16, h0=False,
+                      cu=[0, 37, 90], channels_last="mixed"), {},
+                 id="varlen-mixed-layout-bf16"),
 ]
 
 
 @pytest.mark.parametrize("spec,opts", CASES)
-def test_scan_matches_reference(spec, opts):
+def test_scan_matches_reference(spec, opts, bwd):
     spec = dict(spec)
     dtype = spec["dtype"]
     case, nseq = make_case(**spec)
@@ -130,6 +178,13 @@ def test_padded_segment_tail_keeps_state():
     ref = selective_scan_reference(**{k: v.double() if v is not None else None
                                       for k, v in case.items()}, delta_softplus=True)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_unknown_backward_variant_is_refused(monkeypatch):
+    monkeypatch.setenv("SEQLAB_SCAN_BWD", "v3")
+    case, _ = make_case(1, 4, 8, 2, torch.float32)
+    with pytest.raises(ValueError, match="SEQLAB_SCAN_BWD"):
+        selective_scan(**case, impl="triton")
 
 
 @pytest.mark.parametrize("dtype,groups", [(torch.float32, None), (torch.bfloat16, 2)])
@@ -156,18 +211,25 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_long_sequences(dtype):
+def test_gpu_long_sequences(dtype, bwd):
     case, nseq = make_case(2, 256, 4096, 16, dtype)
     check(case, nseq, dtype)
 
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_varlen_reverse_groups_channels_last():
+def test_gpu_varlen_reverse_groups_channels_last(bwd):
     cu = [0, 1, 1000, 3001, 4096]
     case, nseq = make_case(1, 256, 4096, 16, torch.bfloat16, groups=4, cu=cu,
                            channels_last=True)
     check(case, nseq, torch.bfloat16, reverse=True, cu=cu)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_model_layout(bwd):
+    case, nseq = make_case(2, 512, 2048, 16, torch.bfloat16, channels_last="model")
+    check(case, nseq, torch.bfloat16)
 
 
 @gpu
