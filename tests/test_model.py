@@ -375,3 +375,24 @@ def test_triton_conv_path_equals_torch_path(rng_seed, monkeypatch, bidirectional
     assert gp_t.keys() == gp_r.keys()
     for n in gp_r:
         close(gp_t[n], gp_r[n], rtol=2e-4)
+
+
+def test_rmsnorm_function_matches_plain_ops_and_gradcheck():
+    """The memory-saving RMSNorm (saves x and 1/rms only) against the composed formula."""
+    from seqlab.model.backbone import RMSNorm, _RMSNormFn
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-5), (x, w))
+    norm = RMSNorm(7)
+    with torch.no_grad():
+        norm.weight.copy_(w.float())
+    xf = x.detach().float().requires_grad_(True)
+    y = norm(xf)
+    ref = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (xf, norm.weight), g)
+    rdx, rdw = torch.autograd.grad(ref, (xf, norm.weight), g)
+    torch.testing.assert_close(dx, rdx)
+    torch.testing.assert_close(dw, rdw)

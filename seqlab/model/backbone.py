@@ -26,6 +26,33 @@ from .rc import RCEmbedding, RCLMHead, RCWrapper
 Tensor = torch.Tensor
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm that saves only its input and the (..., 1) reciprocal RMS for the backward.
+
+    Composed of plain ops, autograd would keep two float32 copies of the activations per norm
+    (the input cast and the normalised product); at the 130m size that is 50 MB per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
+        xf = x.to(ct)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd * weight.to(ct)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        ct = rstd.dtype
+        xhat = x.to(ct) * rstd
+        gf = g.to(ct)
+        gw = gf * weight.to(ct)
+        dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        dw = (gf * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     """x (..., d) -> x / rms(x) * weight, computed in float32 and returned in x's dtype."""
 
@@ -35,9 +62,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def make_norm(config: MambaConfig, d: int, device=None, dtype=None) -> nn.Module:
