@@ -84,7 +84,9 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, batch: int, dtype, device, vocab: int,
                  temperature: float, top_k: int, top_p: float, cuda_graph: bool):
-        self.model, self.vocab = model, vocab
+        # A weak reference: _DECODERS is keyed weakly by the model, and a strong one here
+        # would keep every model that ever generated alive.
+        self._model, self.vocab = weakref.ref(model), vocab
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.cache = model.allocate_cache(batch, dtype)
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
@@ -108,8 +110,9 @@ class _Decoder:
                 dst.copy_(src)
 
     def _steps(self, n: int = CHUNK):
+        model = self._model()
         for s in range(n):
-            logits = self.model.step(self.ids, self.cache)
+            logits = model.step(self.ids, self.cache)
             noise = None if self.noise is None else self.noise[s]
             if self.fused_pick:
                 from seqlab.kernels.mixer_step_triton import pick_step

@@ -103,3 +103,17 @@ def test_fused_cuda_graph_decoding_equals_eager(how):
     again = generate(m, prompt, 40, seed=3, cuda_graph=True, **how)  # replays the cached graph
     assert torch.equal(eager, graphed) and torch.equal(graphed, again)
     assert eager.max() < 256
+
+
+def test_cached_decoders_do_not_keep_models_alive(rng_seed):
+    import gc
+    import weakref
+
+    from seqlab.generation import _DECODERS
+    m = tiny_lm()
+    generate(m, torch.randint(0, 256, (1, 2)), 3, temperature=0)
+    ref = weakref.ref(m)
+    n = len(_DECODERS)
+    del m
+    gc.collect()
+    assert ref() is None and len(_DECODERS) == n - 1
