@@ -8,7 +8,10 @@ seqlab's format is one directory holding
                         out and listed in the metadata entry "ties" as {alias: source}.
     config.json         {"seqlab_version", "format_version", "architecture", "model":
                         MambaConfig.to_dict(), "head": constructor kwargs of the head,
-                        "extra": caller's JSON-able dict, "ties": {alias: source}}
+                        "extra": caller's JSON-able dict, "ties": {alias: source},
+                        and "complement": {module: table} only where an RC module's
+                        id -> complement table is not seqlab's byte table (a converted
+                        Caduceus-PS model keeps Caduceus' token ids)}
 
 and is written atomically: into a temporary directory beside the target, fsync'ed, then
 renamed, so a crash never leaves a directory under the final name that looks complete.
@@ -21,7 +24,8 @@ the load fails naming the keys. Pickle files are only ever read with ``weights_o
     seqlab      "seqlab_version"                          the saved architecture
     mamba_ssm   "d_model" and "n_layer" (state-spaces)    MambaLM
     hf          model_type == "mamba" (transformers)      MambaLM
-    caduceus    model_type == "caduceus" / "bidirectional" MaskedLM (or Backbone without a head)
+    caduceus    model_type == "caduceus" / "bidirectional" MaskedLM (or Backbone without a head);
+                                                          RCPS ("caduceus-ps") as rc_equivariant
 """
 from __future__ import annotations
 
@@ -108,6 +112,9 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike, config: Mam
         "extra": extra,
         "ties": ties,
     }
+    complements = _custom_complements(model)
+    if complements:  # e.g. a converted Caduceus-PS model on Caduceus' own token ids
+        meta["complement"] = complements
     with atomic_directory(directory) as tmp:
         weights = tmp / WEIGHTS_NAME
         save_file(tensors, str(weights), metadata={"ties": json.dumps(ties),
@@ -156,6 +163,15 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
             raise KeyError(f"{weights}: tie {alias!r} -> {source!r} names a tensor the file lacks")
         state[alias] = state[source]
     _load_state(model, state, weights, strict=strict)
+    modules = dict(_rc_modules(model))
+    for name, table in meta.get("complement", {}).items():
+        if name not in modules:
+            raise KeyError(f"{directory / CONFIG_NAME}: 'complement' names {name!r}, which is not "
+                           f"a reverse-complement module of the {architecture}")
+        if len(table) != modules[name].complement.numel():
+            raise ValueError(f"{directory / CONFIG_NAME}: 'complement' of {name!r} has {len(table)} "
+                             f"entries; the module's vocabulary has {modules[name].complement.numel()}")
+        modules[name].complement = torch.tensor(table, dtype=torch.long)
     model.to(device=device, dtype=dtype).eval()
     info = dict(meta, model=config, format="seqlab", path=str(directory))
     return model, info
@@ -311,47 +327,42 @@ _CADUCEUS_IGNORED = _HF_IGNORED | {"model_type", "fused_add_norm", "initializer_
                                    "gradient_checkpointing_stride", "complement_map",
                                    "auto_map", "num_labels", "problem_type", "id2label",
                                    "label2id"}
+_CADUCEUS_KNOWN = {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm", "residual_in_fp32",
+                   "pad_vocab_size_multiple", "norm_epsilon", "bidirectional",
+                   "bidirectional_strategy", "bidirectional_weight_tie", "rcps",
+                   "tie_word_embeddings"}
 
 
 def _load_caduceus(directory: Path, meta: dict) -> torch.nn.Module:
+    """Caduceus' masked LM or bare backbone, bidirectional ('caduceus-ph') or RCPS ('caduceus-ps').
+
+    The vocabulary is the checkpoint's own, not seqlab's byte ids: feed the loaded model
+    Caduceus token ids (the published checkpoints' character tokenizer: [CLS] 0, [SEP] 1,
+    [BOS] 2, [MASK] 3, [PAD] 4, [RESERVED] 5, [UNK] 6, A 7, C 8, G 9, T 10, N 11, then
+    padding rows).
+    """
     where = str(directory / CONFIG_NAME)
     source = _read_weights(directory)
     rcps_keys = sorted(k for k in source if _RCPS_MARKERS.search(k))
-    if meta.get("rcps") or rcps_keys:
-        raise NotImplementedError(
-            f"{directory}: a Caduceus RCPS (reverse-complement parameter sharing, 'caduceus-ps') "
-            f"checkpoint; its wrapped tensors {rcps_keys[:6]}{' ...' if len(rcps_keys) > 6 else ''} "
-            "have no mapping onto seqlab's rc_equivariant layers yet. Only the non-RCPS "
-            "bidirectional variant ('caduceus-ph') converts.")
     if "score.weight" in source:
         raise NotImplementedError(f"{directory}: a CaduceusForSequenceClassification checkpoint "
                                   "('score.weight'); only the masked LM and bare backbone convert")
-    known = {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm", "residual_in_fp32",
-             "pad_vocab_size_multiple", "norm_epsilon", "bidirectional", "bidirectional_strategy",
-             "bidirectional_weight_tie", "rcps", "tie_word_embeddings"}
-    unknown = sorted(set(meta) - known - _CADUCEUS_IGNORED)
+    if meta.get("rcps") is False and rcps_keys:
+        raise ValueError(f"{where}: rcps=false, but the weights hold RCPS (reverse-complement "
+                         f"parameter sharing) tensors {_names(rcps_keys, 6)}; the config and the "
+                         "weights disagree")
+    unknown = sorted(set(meta) - _CADUCEUS_KNOWN - _CADUCEUS_IGNORED)
     if unknown:
         warnings.warn(f"{where}: ignoring Caduceus config keys {unknown}", stacklevel=3)
-    strategy = meta.get("bidirectional_strategy") or "add"
-    strategies = {"add": "add", "ew_multiply": "mul"}
-    if strategy not in strategies:
-        raise ValueError(f"{where}: bidirectional_strategy={strategy!r}; known: {sorted(strategies)}")
-    bidirectional = meta.get("bidirectional", True)
-    config = MambaConfig(
-        d_model=meta["d_model"], n_layer=meta["n_layer"], vocab_size=meta["vocab_size"],
-        pad_vocab_size_multiple=meta.get("pad_vocab_size_multiple", 8),
-        norm="rms" if meta.get("rms_norm", True) else "layer",
-        norm_eps=meta.get("norm_epsilon", 1e-5),
-        residual_in_fp32=meta.get("residual_in_fp32", True),
-        tie_embeddings=meta.get("tie_word_embeddings", True),
-        bidirectional=bidirectional, bidirectional_strategy=strategies[strategy],
-        tie_bidirectional_projections=meta.get("bidirectional_weight_tie", True),
-        **_ssm_cfg_to_kwargs(meta.get("ssm_cfg") or {}, where))
     # CaduceusForMaskedLM's keys start with "caduceus."; the bare Caduceus model's with
     # "backbone." (and it has no head).
     masked_lm = any(k.startswith("caduceus.") for k in source)
     if not masked_lm:
         source = {f"caduceus.{k}": v for k, v in source.items()}
+    if meta.get("rcps") or rcps_keys:
+        return _load_caduceus_rcps(directory, meta, source, masked_lm)
+    config = _caduceus_config(meta, where)
+    bidirectional = config.bidirectional
     state = _convert(source, _CADUCEUS_KEYS, directory)
     if not bidirectional:  # a one-direction Caduceus is a plain Mamba stack
         state = {k.replace(".mixer.mamba_fwd.", ".mixer."): v for k, v in state.items()}
@@ -368,6 +379,234 @@ def _load_caduceus(directory: Path, meta: dict) -> torch.nn.Module:
     _fill_tied_bidirectional(backbone_state, model)
     _load_state(model, backbone_state, directory, strict=True)
     return model
+
+
+def _caduceus_config(meta: dict, where: str, **overrides) -> MambaConfig:
+    strategy = meta.get("bidirectional_strategy") or "add"
+    strategies = {"add": "add", "ew_multiply": "mul"}
+    if strategy not in strategies:
+        raise ValueError(f"{where}: bidirectional_strategy={strategy!r}; known: {sorted(strategies)}")
+    kwargs = dict(
+        d_model=meta["d_model"], n_layer=meta["n_layer"], vocab_size=meta["vocab_size"],
+        pad_vocab_size_multiple=meta.get("pad_vocab_size_multiple", 8),
+        norm="rms" if meta.get("rms_norm", True) else "layer",
+        norm_eps=meta.get("norm_epsilon", 1e-5),
+        residual_in_fp32=meta.get("residual_in_fp32", True),
+        tie_embeddings=meta.get("tie_word_embeddings", True),
+        bidirectional=meta.get("bidirectional", True), bidirectional_strategy=strategies[strategy],
+        tie_bidirectional_projections=meta.get("bidirectional_weight_tie", True),
+        **_ssm_cfg_to_kwargs(meta.get("ssm_cfg") or {}, where))
+    kwargs.update(overrides)
+    return MambaConfig(**kwargs)
+
+
+# -- Caduceus RCPS ('caduceus-ps') -------------------------------------------------------------
+# Caduceus' RCPS modules compute what seqlab's rc.py modules compute, on the same layout:
+# hidden (batch, L, 2 * d) = [forward strand, R(reverse strand)] with R = flip(length, channels),
+# RCPSEmbedding = RCEmbedding, RCPSWrapper = RCWrapper, RCPSAddNormWrapper = Block's add +
+# RCWrapper(norm), RCPSLMHead = RCLMHead. Config "d_model" is the width of ONE strand (the
+# submodules' width); seqlab's d_model is the full width 2 * d_model.
+#
+# One difference: with fused_add_norm (the published checkpoints' setting, and the only one
+# their GPU code ran) RCPSMambaBlock feeds the SECOND half to the norm+mixer as the forward
+# strand and the R-flipped FIRST half as the reverse strand, i.e. it is the unfused block applied
+# after S, the exchange of the two halves (both hidden and residual). S passes through an RCPS
+# layer by conjugating it: W_F(S h) = S W_F'(h) with F' = R F R, which for an RMS/LayerNorm is
+# the norm with its weight (and bias) reversed, and for a BiMamba layer is the BiMamba whose
+# forward and reverse mixers exchange roles, each with in_proj's input columns and out_proj's
+# output rows reversed. Pairs of S cancel, so the n fused blocks become n unfused blocks with
+# every layer i for which n - 1 - i is odd conjugated; an odd n leaves one S, which the
+# embedding absorbs: S E_W = E_W'' with W'' = W[complement] reversed along channels. The final
+# norm_f has no swap in either layout.
+_CADUCEUS_RCPS_KEYS = [
+    (r"caduceus\.backbone\.embeddings\.word_embeddings\.embedding\.weight",
+     "backbone.embedding.weight"),
+    (r"caduceus\.backbone\.embeddings\.word_embeddings\.complement_map", "complement_map.embedding"),
+    (rf"caduceus\.backbone\.layers\.(\d+)\.norm\.(?:submodule\.)?({_NORM_TENSORS})",
+     r"backbone.layers.\1.norm.submodule.\2"),
+    (rf"caduceus\.backbone\.layers\.(\d+)\.mixer\.submodule\.(mamba_fwd|mamba_rev)\.({_MIXER_TENSORS})",
+     r"backbone.layers.\1.mixer.submodule.\2.\3"),
+    (rf"caduceus\.backbone\.norm_f\.(?:submodule\.)?({_NORM_TENSORS})",
+     r"backbone.norm_f.submodule.\1"),
+    (r"lm_head\.lm_head\.weight", "lm_head.weight"),
+    (r"lm_head\.complement_map", "complement_map.lm_head"),
+]
+_RCPS_FUSED_NORM = re.compile(r"(?:\.layers\.\d+\.norm|\.norm_f)\.(?:weight|bias)")
+_RCPS_WRAPPED_NORM = re.compile(r"(?:\.layers\.\d+\.norm|\.norm_f)\.submodule\.(?:weight|bias)")
+
+
+def _load_caduceus_rcps(directory: Path, meta: dict, source: dict[str, torch.Tensor],
+                        masked_lm: bool) -> torch.nn.Module:
+    where = str(directory / CONFIG_NAME)
+    fused = _rcps_fused_layout(source, meta, where)
+    state = _convert(source, _CADUCEUS_RCPS_KEYS, directory)
+    buffers = {k: state.pop(k) for k in list(state) if k.startswith("complement_map.")}
+    emb_key, head_key = "backbone.embedding.weight", "lm_head.weight"
+    if emb_key not in state:
+        raise KeyError(f"{directory}: no embedding tensor ('caduceus.backbone.embeddings."
+                       "word_embeddings.embedding.weight') in the weights")
+    n_layer = meta["n_layer"]
+    # Layers that the fused layout's half exchange conjugates, and whether one exchange is
+    # left over for the embedding (see the comment above _CADUCEUS_RCPS_KEYS).
+    conjugated = [i for i in range(n_layer) if fused and (n_layer - 1 - i) % 2 == 1]
+    swap_embedding = fused and n_layer % 2 == 1
+    if masked_lm:
+        # CaduceusForMaskedLM.tie_weights always ties the RCPS head to the embedding.
+        if head_key in state and not torch.equal(state[head_key], state[emb_key]):
+            raise ValueError(f"{directory}: 'lm_head.lm_head.weight' differs from the embedding, "
+                             "but Caduceus ties the RCPS LM head to the embedding")
+        state[head_key] = state[emb_key]
+    elif head_key in state:
+        raise KeyError(f"{directory}: unexpected key 'lm_head.lm_head.weight' in a bare Caduceus "
+                       "backbone (its other keys start with 'backbone.')")
+    # A leftover exchange makes the embedding W'' while the head stays W: untie them.
+    config = _caduceus_config(meta, where, d_model=2 * meta["d_model"], rc_equivariant=True,
+                              tie_embeddings=not swap_embedding)
+    if not config.bidirectional:
+        if conjugated:
+            raise NotImplementedError(
+                f"{where}: bidirectional=false with fused_add_norm: the fused RCPS layout "
+                f"exchanges the strands before layers {conjugated}, which would need "
+                "anti-causal one-direction mixers; seqlab has none")
+        state = {k.replace(".mixer.submodule.mamba_fwd.", ".mixer.submodule."): v
+                 for k, v in state.items()}
+        if masked_lm:
+            raise NotImplementedError(f"{where}: bidirectional=false; seqlab's MaskedLM is "
+                                      "bidirectional only, so this Caduceus masked LM has no "
+                                      "seqlab counterpart")
+    _fit_vocab(state, [emb_key, head_key] if masked_lm else [emb_key], config, directory)
+    complement = _rcps_complement(meta, buffers, config, where)
+    if swap_embedding:
+        state[emb_key] = state[emb_key][complement].flip(-1).contiguous()
+
+    model = _build("MaskedLM" if masked_lm else "Backbone", config, {})
+    if not masked_lm:
+        state = {k[len("backbone."):]: v for k, v in state.items()}
+    prefix = "backbone." if masked_lm else ""
+    _fill_tied_bidirectional(state, model)
+    if config.bidirectional and config.tie_bidirectional_projections:
+        _check_tied_projections(state, directory)
+    for i in conjugated:
+        _conjugate_rcps_layer(state, f"{prefix}layers.{i}.")
+    _load_state(model, state, directory, strict=True)
+    _set_complement(model, complement)
+    return model
+
+
+def _rcps_fused_layout(source: dict[str, torch.Tensor], meta: dict, where: str) -> bool:
+    """Whether the file holds the fused_add_norm layout (bare norms) or the unfused one
+    (RCPSAddNormWrapper: norm.submodule.*); the config must agree when it says."""
+    fused_keys = sorted(k for k in source if _RCPS_FUSED_NORM.search(k)
+                        and not _RCPS_WRAPPED_NORM.search(k))
+    wrapped_keys = sorted(k for k in source if _RCPS_WRAPPED_NORM.search(k))
+    if fused_keys and wrapped_keys:
+        raise ValueError(f"{where}: the weights mix fused_add_norm norms {_names(fused_keys, 3)} "
+                         f"and wrapped (RCPSAddNormWrapper) norms {_names(wrapped_keys, 3)}")
+    # CaduceusConfig's default is fused_add_norm=True.
+    fused = bool(fused_keys) if (fused_keys or wrapped_keys) else bool(meta.get("fused_add_norm", True))
+    if "fused_add_norm" in meta and bool(meta["fused_add_norm"]) != fused:
+        raise ValueError(f"{where}: fused_add_norm={meta['fused_add_norm']} but the weights hold "
+                         f"the {'fused' if fused else 'unfused'} layout's norms "
+                         f"{_names(fused_keys or wrapped_keys, 3)}")
+    return fused
+
+
+def _rcps_complement(meta: dict, buffers: dict[str, torch.Tensor], config: MambaConfig,
+                     where: str) -> torch.Tensor:
+    """The id -> complement-id table, (padded_vocab_size,) long, from the weights' buffers and
+    config.json's complement_map (as CaduceusConfig builds it: values in key order, padded with
+    identity up to the vocabulary size). They must agree; the result must be an involution."""
+    tables = {name: t.to(torch.long).reshape(-1) for name, t in buffers.items()}
+    cmap = meta.get("complement_map")
+    if cmap is not None:
+        keys = [int(k) for k in cmap]
+        if keys != list(range(len(keys))):
+            raise ValueError(f"{where}: complement_map keys must be 0..{len(keys) - 1} in order "
+                             f"(Caduceus reads the values in order), got {list(cmap)[:20]}")
+        tables["config.json complement_map"] = torch.tensor([int(v) for v in cmap.values()],
+                                                            dtype=torch.long)
+    if not tables:
+        raise ValueError(f"{where}: an RCPS checkpoint needs a complement map (config.json "
+                         "'complement_map' or the weights' '...complement_map' buffers); found none")
+    target = config.padded_vocab_size
+    fitted = {}
+    for name, t in tables.items():
+        if t.numel() < target:
+            t = torch.cat([t, torch.arange(t.numel(), target, dtype=torch.long)])
+        fitted[name] = t
+    n = max(t.numel() for t in fitted.values())
+    fitted = {name: torch.cat([t, torch.arange(t.numel(), n, dtype=torch.long)])
+              for name, t in fitted.items()}
+    (first, table), *rest = fitted.items()
+    for name, other in rest:
+        if not torch.equal(table, other):
+            raise ValueError(f"{where}: complement maps disagree: {first} {table.tolist()} vs "
+                             f"{name} {other.tolist()}")
+    if (table < 0).any() or (table >= n).any() or not torch.equal(table[table], torch.arange(n)):
+        raise ValueError(f"{where}: the complement map {table.tolist()} is not an involution of "
+                         f"0..{n - 1}; reverse-complement equivariance needs one")
+    if n > target:  # only padding rows may go, and no kept id may map onto them
+        if (table[:target] >= target).any():
+            raise ValueError(f"{where}: the complement map sends ids below the vocabulary size "
+                             f"{target} to padding ids: {table.tolist()}")
+        table = table[:target]
+    return table
+
+
+def _check_tied_projections(state: dict[str, torch.Tensor], directory: Path) -> None:
+    for key in state:
+        if ".mamba_rev." in key and re.search(r"\.(in_proj|out_proj)\.(weight|bias)$", key):
+            fwd = key.replace(".mamba_rev.", ".mamba_fwd.")
+            if fwd in state and not torch.equal(state[key], state[fwd]):
+                raise ValueError(f"{directory}: bidirectional_weight_tie is set but {key!r} "
+                                 f"differs from {fwd!r}")
+
+
+def _conjugate_rcps_layer(state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Rewrite layer ``prefix`` (seqlab names) in place into F' = R F R, R = flip(length, channels).
+
+    Norm: weight and bias reversed. BiMamba: R (fwd + T rev T) R = C rev C + T (C fwd C) T with
+    T the length flip and C the channel flip, so the two directions exchange their tensors and
+    each is conjugated by C: in_proj's input columns and out_proj's output rows (and bias)
+    reversed. Element-wise combinations ("add", "mul") commute with both flips.
+    """
+    for t in ("weight", "bias"):
+        key = f"{prefix}norm.submodule.{t}"
+        if key in state:
+            state[key] = state[key].flip(0).contiguous()
+    fwd, rev = f"{prefix}mixer.submodule.mamba_fwd.", f"{prefix}mixer.submodule.mamba_rev."
+    moved = {}
+    for key in [k for k in state if k.startswith((fwd, rev))]:
+        value = state.pop(key)
+        name = key[len(fwd):]  # both prefixes have the same length
+        if name == "in_proj.weight":
+            value = value.flip(1)
+        elif name in ("out_proj.weight", "out_proj.bias"):
+            value = value.flip(0)
+        moved[(rev if key.startswith(fwd) else fwd) + name] = value.contiguous()
+    state.update(moved)
+
+
+def _rc_modules(model: torch.nn.Module):
+    from seqlab.model.rc import RCEmbedding, RCLMHead
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (RCEmbedding, RCLMHead))]
+
+
+def _set_complement(model: torch.nn.Module, table: torch.Tensor) -> None:
+    """Give every RC embedding / LM head of ``model`` the vocabulary's complement table."""
+    for _, module in _rc_modules(model):
+        module.complement = table.to(module.complement.device).clone()
+
+
+def _custom_complements(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Complement tables (not persistent buffers) that differ from seqlab's byte table."""
+    from seqlab.model.rc import complement_table
+    out = {}
+    for name, module in _rc_modules(model):
+        table = module.complement.detach().cpu()
+        if not torch.equal(table, complement_table(table.numel())):
+            out[name] = table.tolist()
+    return out
 
 
 # ============================================================================ helpers
@@ -437,8 +676,8 @@ def _fill_tied_bidirectional(state: dict[str, torch.Tensor], model: torch.nn.Mod
     """Reverse-direction projections tied to the forward ones may be stored under one name only."""
     expected = model.state_dict()
     for key in expected:
-        if ".mixer.mamba_rev." in key and key not in state:
-            fwd = key.replace(".mixer.mamba_rev.", ".mixer.mamba_fwd.")
+        if ".mamba_rev." in key and key not in state:
+            fwd = key.replace(".mamba_rev.", ".mamba_fwd.")
             if fwd in state and expected[key].data_ptr() == expected[fwd].data_ptr():
                 state[key] = state[fwd]
 

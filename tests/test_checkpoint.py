@@ -10,6 +10,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -18,6 +19,7 @@ from seqlab.checkpoint import load_model, load_pretrained, save_model
 from seqlab.model.config import MambaConfig
 
 from seqlab.model import Backbone, MaskedLM, MambaLM, SequenceClassifier
+from seqlab.model.mixer import Mixer
 
 HF_VOCAB = 64
 
@@ -301,12 +303,158 @@ def test_caduceus_bare_backbone(tmp_path, rng_seed):
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
-def test_caduceus_rcps_is_refused_naming_keys(tmp_path):
-    state = {"caduceus.backbone.embeddings.word_embeddings.embedding.weight": torch.zeros(64, 32),
-             "caduceus.backbone.layers.0.mixer.submodule.mamba_fwd.A_log": torch.zeros(64, 8)}
+# -- Caduceus RCPS ('caduceus-ps') -------------------------------------------------------------
+# Caduceus' character tokenizer: [CLS] 0, [SEP] 1, [BOS] 2, [MASK] 3, [PAD] 4, [RESERVED] 5,
+# [UNK] 6, A 7, C 8, G 9, T 10, N 11; rows 12..15 pad the vocabulary to a multiple of 8. The
+# complement map is the published checkpoints' config.json one.
+CADUCEUS_VOCAB = 16
+CADUCEUS_COMPLEMENT = {**{i: i for i in range(CADUCEUS_VOCAB)}, 7: 10, 8: 9, 9: 8, 10: 7}
+
+
+class CaduceusPSReference(torch.nn.Module):
+    """Plain-torch re-implementation of CaduceusForMaskedLM with rcps=True, written from
+    Caduceus' modeling_rcps.py / modeling_caduceus.py (RCPSEmbedding, RCPSMambaBlock with and
+    without fused_add_norm, RCPSAddNormWrapper, RCPSWrapper(BiMambaWrapper), RCPSLMHead tied
+    to the embedding). The Mamba mixers are seqlab ``Mixer`` modules of width d (one strand);
+    BiMambaWrapper's reverse direction is run the Caduceus way, on flipped copies."""
+
+    def __init__(self, d: int, n_layer: int, fused: bool, seed: int):
+        super().__init__()
+        half = MambaConfig(d_model=d, d_state=8, scan_impl="torch")
+        self.d, self.n_layer, self.fused = d, n_layer, fused
+        self.register_buffer("comp", torch.tensor(list(CADUCEUS_COMPLEMENT.values())))
+        self.embedding = torch.nn.Parameter(torch.randn(CADUCEUS_VOCAB, d) * 0.5)
+        self.norms = torch.nn.ParameterList(torch.nn.Parameter(torch.ones(d)) for _ in range(n_layer))
+        self.norm_f = torch.nn.Parameter(torch.ones(d))
+        self.fwd = torch.nn.ModuleList(Mixer(half) for _ in range(n_layer))
+        self.rev = torch.nn.ModuleList(Mixer(half) for _ in range(n_layer))
+        for f, r in zip(self.fwd, self.rev):  # bidirectional_weight_tie
+            r.in_proj.weight, r.out_proj.weight = f.in_proj.weight, f.out_proj.weight
+        perturb(self, seed, scale=0.2)
+
+    @staticmethod
+    def rc(x):  # RCPSWrapper.rc: flip length and channels
+        return x.flip(-2, -1)
+
+    @staticmethod
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def bimamba(self, i, x):  # BiMambaWrapper, strategy "add"
+        return self.fwd[i](x) + self.rev[i](x.flip(1)).flip(1)
+
+    def forward(self, ids, head=True):
+        d, rc = self.d, self.rc
+        W = self.embedding
+        # RCPSEmbedding: gather the complement at the flipped ids, embed, flip length + channels.
+        h = torch.cat([W[ids], rc(W[self.comp[ids.flip(-1)]])], dim=-1)
+        r = None
+        for i in range(self.n_layer):
+            if self.fused:  # RCPSMambaBlock's fused_add_norm branch (second half first)
+                a_f = h[..., d:] + (0 if r is None else r[..., d:])
+                a_r = rc(h[..., :d]) + (0 if r is None else rc(r[..., :d]))
+            else:  # RCPSAddNormWrapper
+                a_f = h[..., :d] + (0 if r is None else r[..., :d])
+                a_r = rc(h[..., d:]) + (0 if r is None else rc(r[..., d:]))
+            r = torch.cat([a_f, rc(a_r)], dim=-1)
+            h = torch.cat([self.rms(a_f, self.norms[i]), rc(self.rms(a_r, self.norms[i]))], dim=-1)
+            # RCPSWrapper(BiMambaWrapper)
+            h = torch.cat([self.bimamba(i, h[..., :d]), rc(self.bimamba(i, rc(h[..., d:])))], dim=-1)
+        # norm_f: first half forward in both layouts
+        a_f, a_r = h[..., :d] + r[..., :d], rc(h[..., d:] + r[..., d:])
+        h = torch.cat([self.rms(a_f, self.norm_f), rc(self.rms(a_r, self.norm_f))], dim=-1)
+        if not head:
+            return h
+        # RCPSLMHead, weight tied to the embedding
+        return F.linear(h[..., :d], W) + F.linear(h[..., d:].flip(-1), W[self.comp])
+
+    def caduceus_state(self, masked_lm: bool = True, head_weight: bool = False) -> dict:
+        """State dict under Caduceus' names (tied tensors once, as a safetensors save keeps)."""
+        p = "caduceus.backbone." if masked_lm else "backbone."
+        norm = "norm" if self.fused else "norm.submodule"
+        st = {f"{p}embeddings.word_embeddings.embedding.weight": self.embedding,
+              f"{p}embeddings.word_embeddings.complement_map": self.comp,
+              f"{p}norm_f.weight" if self.fused else f"{p}norm_f.submodule.weight": self.norm_f}
+        for i in range(self.n_layer):
+            st[f"{p}layers.{i}.{norm}.weight"] = self.norms[i]
+            for direction, mixers in (("mamba_fwd", self.fwd), ("mamba_rev", self.rev)):
+                for name, t in mixers[i].state_dict().items():
+                    if direction == "mamba_rev" and name.startswith(("in_proj", "out_proj")):
+                        continue
+                    st[f"{p}layers.{i}.mixer.submodule.{direction}.{name}"] = t
+        if masked_lm:
+            st["lm_head.complement_map"] = self.comp
+            if head_weight:
+                st["lm_head.lm_head.weight"] = self.embedding
+        return {k: v.detach().clone().contiguous() for k, v in st.items()}
+
+
+def caduceus_ps_config(d: int, n_layer: int, fused: bool, **overrides) -> dict:
+    return caduceus_config(d_model=d, n_layer=n_layer, vocab_size=CADUCEUS_VOCAB, rcps=True,
+                           fused_add_norm=fused, residual_in_fp32=False,
+                           complement_map={str(k): v for k, v in CADUCEUS_COMPLEMENT.items()},
+                           **overrides)
+
+
+def caduceus_ids(batch=2, length=12, seed=0):
+    return torch.randint(0, 12, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fused,n_layer,pickled", [(True, 2, False), (False, 2, False),
+                                                   (True, 3, True)])
+def test_caduceus_rcps_masked_lm_matches_reference(tmp_path, rng_seed, fused, n_layer, pickled):
+    from seqlab.model.rc import reverse_complement
+    reference = CaduceusPSReference(d=16, n_layer=n_layer, fused=fused, seed=rng_seed).eval()
+    state = reference.caduceus_state(head_weight=not pickled)
+    if pickled:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    else:
+        save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(caduceus_ps_config(16, n_layer, fused)))
+    model = load_pretrained(tmp_path)
+    assert type(model) is MaskedLM and model.config.rc_equivariant and model.config.d_model == 32
+    x = caduceus_ids(seed=rng_seed % 1000)
+    with torch.no_grad():
+        logits = model(x)
+        torch.testing.assert_close(logits, reference(x), rtol=1e-5, atol=1e-5)
+        # RC equivariance on Caduceus' ids: logits(RC x) = position-reversed, complement-permuted.
+        comp = reference.comp
+        logits_rc = model(reverse_complement(x, table=comp))
+        torch.testing.assert_close(logits_rc.flip(1)[..., comp], logits, rtol=1e-5, atol=1e-5)
+    if fused and n_layer == 2:  # seqlab's own format keeps the complement table
+        save_model(model, tmp_path / "seqlab", model.config)
+        again, _ = load_model(tmp_path / "seqlab")
+        assert torch.equal(again.lm_head.complement, comp)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), logits, rtol=0, atol=0)
+
+
+def test_caduceus_rcps_bare_backbone_matches_reference(tmp_path, rng_seed):
+    reference = CaduceusPSReference(d=16, n_layer=3, fused=True, seed=rng_seed).eval()
+    save_file(reference.caduceus_state(masked_lm=False), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(caduceus_ps_config(16, 3, True)))
+    model = load_pretrained(tmp_path)
+    assert type(model) is Backbone
+    x = caduceus_ids(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x, head=False), rtol=1e-5, atol=1e-5)
+
+
+def test_caduceus_rcps_bad_keys_are_named(tmp_path):
+    reference = CaduceusPSReference(d=8, n_layer=2, fused=True, seed=0)
+    state = reference.caduceus_state()
+    (tmp_path / "config.json").write_text(json.dumps(caduceus_ps_config(8, 2, True)))
+    extra = dict(state, **{"caduceus.backbone.layers.0.mixer.submodule.bogus": torch.zeros(1)})
+    save_file(extra, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"layers\.0\.mixer\.submodule\.bogus"):
+        load_pretrained(tmp_path)
+    missing = {k: v for k, v in state.items() if not k.endswith("layers.1.mixer.submodule.mamba_fwd.D")}
+    save_file(missing, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"layers\.\d\.mixer\.submodule\.mamba_(fwd|rev)\.D"):
+        load_pretrained(tmp_path)
     save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(caduceus_config(rcps=True)))
-    with pytest.raises(NotImplementedError, match=r"mixer\.submodule\.mamba_fwd\.A_log"):
+    (tmp_path / "config.json").write_text(json.dumps(caduceus_ps_config(8, 2, False)))
+    with pytest.raises(ValueError, match="fused_add_norm"):
         load_pretrained(tmp_path)
 
 

@@ -31,11 +31,17 @@ _PAIRS = ("AT", "CG", "RY", "KM", "BV", "DH")
 
 
 def complement_table(vocab_size: int = 260) -> Tensor:
-    """(vocab_size,) LongTensor: the complement of each id (case-preserving, IUPAC-aware)."""
+    """(vocab_size,) LongTensor: the complement of each id (case-preserving, IUPAC-aware).
+
+    A pair whose byte ids do not both fit below vocab_size is left out (identity), so a
+    small non-byte vocabulary (e.g. a converted Caduceus-PS model, which then gets its own
+    table) can still be built.
+    """
     table = torch.arange(vocab_size, dtype=torch.long)
     for a, b in _PAIRS:
         for x, y in ((a, b), (a.lower(), b.lower())):
-            table[ord(x)], table[ord(y)] = ord(y), ord(x)
+            if max(ord(x), ord(y)) < vocab_size:
+                table[ord(x)], table[ord(y)] = ord(y), ord(x)
     return table
 
 
