@@ -100,7 +100,8 @@ def _in_kernel(
     cs_ptr, s_cb, s_ce, s_ck, cw_ptr, s_cwe, s_cwk, cb_ptr,
     o1_ptr, o2_ptr, wx_ptr, s_wx, xd_ptr, s_xp, xf_ptr, ctr_ptr, R, N, batch, Dm, E,
     LAST: tl.constexpr, LWC: tl.constexpr, LPF: tl.constexpr,
-    RP: tl.constexpr, NP: tl.constexpr, HEAD: tl.constexpr, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr, IS_RMS: tl.constexpr,
+    RP: tl.constexpr, NP: tl.constexpr, HEAD: tl.constexpr, FROM_IDS: tl.constexpr,
+    HAS_RES: tl.constexpr, IS_RMS: tl.constexpr,
     HAS_NB: tl.constexpr, HAS_WB: tl.constexpr, HAS_CB: tl.constexpr, K: tl.constexpr,
     KP: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PP: tl.constexpr,
     ONE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr,
@@ -234,7 +235,8 @@ def _out_kernel(
     x_ptr, z_ptr, xd_ptr, s_xp, PB, wdt_ptr, s_wdt, dtb_ptr, alog_ptr, s_al, d_ptr,
     st_ptr, s_sb, s_se, s_sn, wo_ptr, s_wo, ob_ptr, parts_ptr, s_pp, hf_ptr, ctr_ptr,
     batch, E, R, N, Dm,
-    LAST: tl.constexpr, LWC: tl.constexpr, LPF: tl.constexpr, HAS_OB: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, RP: tl.constexpr,
+    LAST: tl.constexpr, LWC: tl.constexpr, LPF: tl.constexpr, HAS_OB: tl.constexpr,
+    BB: tl.constexpr, BE: tl.constexpr, RP: tl.constexpr,
     NP: tl.constexpr, PX: tl.constexpr, BDM: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, F32: tl.constexpr,
 ):
@@ -412,10 +414,11 @@ def mixer_in_step(plan: StepPlan, src, res_in, res_out, norm_w, norm_b, eps, is_
         conv_b if conv_b is not None else norm_w,
         x_out, z_out, w_x, w_x.stride(0), xdbl_out, xdbl_out.stride(0),
         xdbl_final if p.last else x_out, counters if p.last else x_out, p.R,
-        p.N, p.batch, p.d_model, p.E, LAST=p.last, LWC=p.LWC1, LPF=p.LPF1, RP=p.RP, NP=p.NP, HEAD=False, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
+        p.N, p.batch, p.d_model, p.E, LAST=p.last, LWC=p.LWC1, LPF=p.LPF1, RP=p.RP, NP=p.NP,
+        HEAD=False, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
         HAS_NB=norm_b is not None, HAS_WB=b_in is not None, HAS_CB=conv_b is not None,
-        K=K, KP=_p2(K), BB=p.BB, BE=p.BE_in, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec, F32=p.f32,
-        num_warps=p.warps)
+        K=K, KP=_p2(K), BB=p.BB, BE=p.BE_in, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model,
+        DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
 
 
 def head_step(plan: StepPlan, src, res_in, norm_w, norm_b, eps, is_rms, w_head, logits):
@@ -429,16 +432,19 @@ def head_step(plan: StepPlan, src, res_in, norm_w, norm_b, eps, is_rms, w_head, 
         parts, P, s_pp, s_pb, res_in if res_in is not None else logits, logits, ids, emb, s_eb,
         norm_w, norm_b if norm_b is not None else norm_w, float(eps), w_head, w_head.stride(0),
         norm_w, logits, 0, 0, 0, norm_w, 0, 0, norm_w, logits, logits, w_head, 0, logits, 0,
-        logits, logits, 0, 0, p.batch, p.d_model, V, LAST=False, LWC=1, LPF=1, RP=1, NP=1, HEAD=True, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
+        logits, logits, 0, 0, p.batch, p.d_model, V, LAST=False, LWC=1, LPF=1, RP=1, NP=1,
+        HEAD=True, FROM_IDS=from_ids, HAS_RES=res_in is not None, IS_RMS=is_rms,
         HAS_NB=norm_b is not None, HAS_WB=False, HAS_CB=False, K=1, KP=1,
-        BB=p.BB, BE=BE, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec, F32=p.f32, num_warps=p.warps)
+        BB=p.BB, BE=BE, BK=p.BK, PP=p.PP, ONE=p.BK >= p.d_model, DOT=p.dot, PREC=p.prec,
+        F32=p.f32, num_warps=p.warps)
 
 
 def mixer_out_step(plan: StepPlan, x, z, xdbl, w_dt, dt_bias, A_log, D, ssm_state, w_out, b_out,
                    parts_out, hidden_final=None, counters=None):
     """Second half: x_proj, dt, state update (in place), gate, out_proj partials.
 
-    x, z (batch, E) float32; xdbl (n_xparts, batch, R + 2N) float32 shares of x_proj(x); w_dt (E, R); dt_bias, D (E,); A_log (E, N);
+    x, z (batch, E) float32; xdbl (n_xparts or 1, batch, R + 2N) float32 shares (or their
+    sum) of x_proj(x); w_dt (E, R); dt_bias, D (E,); A_log (E, N);
     ssm_state (batch, E, N) float32; w_out (d_model, E); parts_out (n_parts, batch, d_model)
     float32 receives one out_proj partial per channel block; with ``plan.last`` the last
     program sums them into hidden_final (batch, d_model), using counters (int32 (nb,)).

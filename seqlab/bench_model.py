@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import MambaConfig, MambaLM
+from .utils import emit_report
 
 # mamba_ssm 2.3.2 on one H200, from shared/anchors/h200-mamba_ssm-2.3.2-model.json.
 PEERS = {
@@ -176,11 +177,7 @@ def run(args) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = (f"seqlab model benchmark on {name}, torch {torch.__version__}"
               f"{' [--quick sizes]' if q else ''}")
-    print(header)
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=2)
+    emit_report(header, format_table(rows), rows, args.json)
     return rows
 
 

@@ -86,3 +86,12 @@ def atomic_directory(final: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def emit_report(header: str, table: str, rows: list[dict], json_path: str | None) -> None:
+    """Print a benchmark's header and table; also write {"header", "rows"} as JSON if asked."""
+    print(header)
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=2)

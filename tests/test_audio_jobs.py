@@ -165,7 +165,22 @@ def test_bench_audio_quick(capsys):
     assert [r["name"] for r in rows] == ["gen_b1", "gen_b64", "train"]
     assert all(r["value"] > 0 for r in rows)
     text = capsys.readouterr().out
-    assert "3,495" in text and "108,967" in text and "tokens/s" in text
+    assert "mamba_ssm H200" in text and "tokens/s" in text
+    # Quick sizes are not compared with the peer's full-size figures.
+    assert all(r["peer"] is None and r["meets_target"] is None for r in rows)
+
+
+def test_bench_model_quick(capsys, tmp_path):
+    import json
+
+    from seqlab.bench_model import main
+    out = tmp_path / "model.json"
+    rows = main(["--device", "cpu", "--quick", "--steps", "1", "--json", str(out)])
+    assert [r["name"] for r in rows] == ["train_130m", "train_caduceus", "decode_130m_b1_cg0",
+                                         "decode_130m_b4_cg0"]
+    assert all(r["value"] > 0 and r["peer"] is None for r in rows)
+    assert json.loads(out.read_text())["rows"][0]["name"] == "train_130m"
+    assert "train 130m causal" in capsys.readouterr().out
 
 
 def test_train_audio_folder_source_pad_mode(tmp_path):
