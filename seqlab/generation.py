@@ -184,10 +184,16 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
     if temperature < 0:
         raise ValueError(f"generate: temperature={temperature} must be >= 0")
     device = prompt_ids.device
+    # A multi-scale (pool_factors) model decides per position which levels step, on the
+    # host, so its step cannot be captured as a CUDA graph.
+    multiscale = bool(getattr(getattr(model, "config", None), "pool_factors", None))
     if cuda_graph == "auto":
-        cuda_graph = device.type == "cuda"
+        cuda_graph = device.type == "cuda" and not multiscale
     elif cuda_graph and device.type != "cuda":
         raise ValueError(f"generate: cuda_graph=True needs CUDA tensors, prompt is on {device}")
+    elif cuda_graph and multiscale:
+        raise ValueError("generate: cuda_graph=True is not available for multi-scale models "
+                         f"(config.pool_factors={model.config.pool_factors}); use 'auto' or False")
 
     model.eval()
     batch, P = prompt_ids.shape

@@ -285,9 +285,11 @@ def test_masked_lm_trains_one_step(rng_seed):
         MaskedLM(tiny())
 
 
-def test_pool_factors_not_implemented():
-    with pytest.raises(NotImplementedError, match="pool_factors"):
-        Backbone(tiny(pool_factors=[4]))
+def test_pool_factors_build_a_multiscale_backbone_and_refuse_bidirectional():
+    """Details (causality, step == forward, cache) are in tests/test_multiscale.py."""
+    assert hasattr(Backbone(tiny(pool_factors=[4])), "pools")
+    with pytest.raises(ValueError, match="pool_factors"):
+        tiny(pool_factors=[4], bidirectional=True)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "first", "last"])

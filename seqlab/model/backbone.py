@@ -8,6 +8,11 @@ bidirectional), ``backbone.norm_f.weight``, ``lm_head.weight``. With
 ``mixer.submodule.*``) and work on d_model / 2 channels per strand.
 
 A cache for step-by-step decoding is a list with one (conv_state, ssm_state) per layer.
+
+With ``config.pool_factors`` the backbone is multi-scale (SaShiMi-style, see
+:mod:`seqlab.model.multiscale`): ``backbone.down.{i}.layers.{j}``, ``backbone.pools.{i}.down`` /
+``.up``, ``backbone.center.layers.{j}``, ``backbone.up.{i}.layers.{j}`` replace
+``backbone.layers``, and the cache is a :class:`~seqlab.model.multiscale.MultiScaleCache`.
 """
 from __future__ import annotations
 
@@ -126,26 +131,35 @@ class Backbone(nn.Module):
 
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
-        if config.pool_factors:
-            raise NotImplementedError(
-                f"MambaConfig.pool_factors={config.pool_factors}: the multi-scale (pooled) "
-                "backbone is not implemented yet; use pool_factors=[] for a flat stack")
         self.config = config
+        self.multiscale = bool(config.pool_factors)
+        if self.multiscale and (config.bidirectional or config.rc_equivariant):
+            raise ValueError("MambaConfig.pool_factors: the multi-scale backbone is causal only; "
+                             "bidirectional / rc_equivariant are not supported with pooling")
         if config.rc_equivariant:
             self.embedding = RCEmbedding(config.padded_vocab_size, config.d_model, device, dtype)
         else:
             self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layer))
+        if self.multiscale:
+            from . import multiscale
+            n_blocks = multiscale.build(self, config, device, dtype)
+        else:
+            self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layer))
+            n_blocks = config.n_layer
         if config.rc_equivariant:
             self.norm_f = RCWrapper(make_norm(config, config.d_model // 2, device, dtype))
         else:
             self.norm_f = make_norm(config, config.d_model, device, dtype)
-        init_weights(self, config.n_layer)
+        init_weights(self, max(n_blocks, 1))
 
     def forward(self, ids: Tensor, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 cache: list | None = None) -> Tensor:
         """ids (batch, L); lengths (batch,) for right padding; cu_seqlens (nseq+1,) for packing
-        (batch 1); cache from :meth:`allocate_cache` for a causal prefill."""
+        (batch 1); cache from :meth:`allocate_cache` for a causal prefill (multi-scale: any L;
+        ``lengths`` is not needed there, the prefill steps token by token)."""
+        if self.multiscale:
+            from . import multiscale
+            return multiscale.forward(self, ids, lengths=lengths, cu_seqlens=cu_seqlens, cache=cache)
         hidden = self.embedding(ids)
         residual = None
         for i, layer in enumerate(self.layers):
@@ -158,7 +172,11 @@ class Backbone(nn.Module):
         return self.embedding.weight.dtype
 
     def allocate_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> list:
-        """One (conv_state, ssm_state) per layer (see :meth:`Mixer.allocate_cache`)."""
+        """One (conv_state, ssm_state) per layer (see :meth:`Mixer.allocate_cache`); a
+        :class:`~seqlab.model.multiscale.MultiScaleCache` for a multi-scale backbone."""
+        if self.multiscale:
+            from . import multiscale
+            return multiscale.allocate_cache(self, batch, dtype, device)
         caches = []
         for layer in self.layers:
             if not isinstance(layer.mixer, Mixer):
@@ -169,6 +187,9 @@ class Backbone(nn.Module):
 
     def step(self, ids_t: Tensor, cache: list) -> Tensor:
         """ids_t (batch,) long -> hidden (batch, d_model); advances every layer's cache."""
+        if self.multiscale:
+            from . import multiscale
+            return multiscale.step(self, ids_t, cache)
         hidden = self.embedding(ids_t)
         residual = None
         for layer, c in zip(self.layers, cache):

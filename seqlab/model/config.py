@@ -53,8 +53,12 @@ class MambaConfig:
     # Which selective-scan implementation the mixers call ("auto" | "triton" | "torch" | "reference").
     scan_impl: str = "auto"
 
-    # Multi-scale audio variant (SaShiMi-style pooling stages); empty = flat stack.
+    # Multi-scale audio variant (SaShiMi-style pooling stages, seqlab.model.multiscale); empty =
+    # flat stack. With [p1, ..., pk]: n_layer blocks per stage, a down stage per level, a center
+    # stage and an up stage per level; level i runs at d_model * pool_expand**i channels and
+    # 1 / (p1 * ... * pi) of the rate. Causal only.
     pool_factors: list[int] = field(default_factory=list)
+    pool_expand: int = 2  # width multiplier per pooling level
 
     def __post_init__(self):
         if self.norm not in ("rms", "layer"):
@@ -64,6 +68,13 @@ class MambaConfig:
                              "needs 'add' or 'mul'")
         if self.rc_equivariant and self.d_model % 2:
             raise ValueError(f"MambaConfig.rc_equivariant needs an even d_model, got {self.d_model}")
+        if self.pool_factors:
+            if any(int(p) < 1 for p in self.pool_factors) or int(self.pool_expand) < 1:
+                raise ValueError(f"MambaConfig.pool_factors={list(self.pool_factors)} / pool_expand="
+                                 f"{self.pool_expand}: need integers >= 1")
+            if self.bidirectional or self.rc_equivariant:
+                raise ValueError("MambaConfig.pool_factors: the multi-scale backbone is causal only; "
+                                 "bidirectional / rc_equivariant are not supported with pooling")
 
     @property
     def d_inner(self) -> int:

@@ -22,6 +22,8 @@ def fused_step_reason(model: nn.Module, device: torch.device) -> str | None:
     cfg = model.config
     if cfg.bidirectional or cfg.rc_equivariant:
         return "bidirectional / RC models do not decode"
+    if getattr(cfg, "pool_factors", None):
+        return "multi-scale (pool_factors) models use the per-op step"
     if not cfg.selective:
         return "the LTI ablation (selective=False) uses the per-op step"
     if kernel_api.resolve_impl(cfg.scan_impl, device, op="lm_step") != "triton":
