@@ -113,6 +113,20 @@ def _silu_grad(g, a):
 
 
 @triton.jit
+def _params(w_ptr, b_ptr, offs_e, emask, s_we, s_wk, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+            ACC: tl.constexpr, BE: tl.constexpr):
+    """The block's bias (zeros without one) and its K <= 4 taps c_0..c_3 (zeros past K)."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_e, mask=emask, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros((BE,), ACC)
+    return (bias, _tap(w_ptr, offs_e, emask, s_we, s_wk, 0, K, ACC),
+            _tap(w_ptr, offs_e, emask, s_we, s_wk, 1, K, ACC),
+            _tap(w_ptr, offs_e, emask, s_we, s_wk, 2, K, ACC),
+            _tap(w_ptr, offs_e, emask, s_we, s_wk, 3, K, ACC))
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, E, L,
                      s_xb, s_xe, s_xl, s_we, s_wk, s_ob, s_oe, s_ol,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr,
@@ -124,14 +138,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, E, L,
     emask = offs_e < E
     t = pid_l.to(tl.int64) * BL + tl.arange(0, BL)
     xb = x_ptr + pid_b * s_xb
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_e, mask=emask, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BE,), ACC)
-    c0 = _tap(w_ptr, offs_e, emask, s_we, s_wk, 0, K, ACC)
-    c1 = _tap(w_ptr, offs_e, emask, s_we, s_wk, 1, K, ACC)
-    c2 = _tap(w_ptr, offs_e, emask, s_we, s_wk, 2, K, ACC)
-    c3 = _tap(w_ptr, offs_e, emask, s_we, s_wk, 3, K, ACC)
+    bias, c0, c1, c2, c3 = _params(w_ptr, b_ptr, offs_e, emask, s_we, s_wk, K, HAS_BIAS, ACC, BE)
     x0 = _load_lag(xb, t, offs_e, emask, L, s_xe, s_xl, 0, REVERSE, True, ACC, BL, BE)
     x1 = _load_lag(xb, t, offs_e, emask, L, s_xe, s_xl, 1, REVERSE, K > 1, ACC, BL, BE)
     x2 = _load_lag(xb, t, offs_e, emask, L, s_xe, s_xl, 2, REVERSE, K > 2, ACC, BL, BE)
@@ -156,14 +163,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, dwp_ptr, dbp_ptr, E, L,
     pb = pid_b.to(tl.int64)
     xb = x_ptr + pb * s_xb
     gb = g_ptr + pb * s_gb
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_e, mask=emask, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BE,), ACC)
-    c0 = _tap(w_ptr, offs_e, emask, s_we, s_wk, 0, K, ACC)
-    c1 = _tap(w_ptr, offs_e, emask, s_we, s_wk, 1, K, ACC)
-    c2 = _tap(w_ptr, offs_e, emask, s_we, s_wk, 2, K, ACC)
-    c3 = _tap(w_ptr, offs_e, emask, s_we, s_wk, 3, K, ACC)
+    bias, c0, c1, c2, c3 = _params(w_ptr, b_ptr, offs_e, emask, s_we, s_wk, K, HAS_BIAS, ACC, BE)
     dw0 = tl.zeros((BL, BE), ACC)
     dw1 = tl.zeros((BL, BE), ACC)
     dw2 = tl.zeros((BL, BE), ACC)

@@ -42,6 +42,17 @@ def _dot_t(a, b, PREC: tl.constexpr, F32: tl.constexpr):
 
 
 @triton.jit
+def _block(batch, E, BB: tl.constexpr, BE: tl.constexpr):
+    """This program's (channel block, batch block): ids, offsets, masks, int64 offsets."""
+    pid_e = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_b = pid_b * BB + tl.arange(0, BB)
+    offs_e = pid_e * BE + tl.arange(0, BE)
+    return (pid_e, pid_b, offs_b, offs_b < batch, offs_b.to(tl.int64), offs_e, offs_e < E,
+            offs_e.to(tl.int64))
+
+
+@triton.jit
 def _hidden_tile(parts_ptr, P, s_pp, s_pb, res_ptr, ids_ptr, emb_ptr, s_eb, offs_b, bmask,
                  offs_k, kmask, Dm, FROM_IDS: tl.constexpr, HAS_RES: tl.constexpr,
                  BB: tl.constexpr, BK: tl.constexpr, PP: tl.constexpr):
@@ -106,14 +117,7 @@ def _in_kernel(
     KP: tl.constexpr, BB: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PP: tl.constexpr,
     ONE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, F32: tl.constexpr,
 ):
-    pid_e = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    offs_b = pid_b * BB + tl.arange(0, BB)
-    bmask = offs_b < batch
-    ob = offs_b.to(tl.int64)
-    offs_e = pid_e * BE + tl.arange(0, BE)
-    emask = offs_e < E
-    oe = offs_e.to(tl.int64)
+    pid_e, pid_b, offs_b, bmask, ob, offs_e, emask, oe = _block(batch, E, BB, BE)
     wdt = w_ptr.dtype.element_ty
 
     # Pass 1: row statistics; the first block also writes the new residual.
@@ -240,14 +244,7 @@ def _out_kernel(
     NP: tl.constexpr, PX: tl.constexpr, BDM: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, F32: tl.constexpr,
 ):
-    pid_e = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    offs_b = pid_b * BB + tl.arange(0, BB)
-    bmask = offs_b < batch
-    ob = offs_b.to(tl.int64)
-    offs_e = pid_e * BE + tl.arange(0, BE)
-    emask = offs_e < E
-    oe = offs_e.to(tl.int64)
+    pid_e, pid_b, offs_b, bmask, ob, offs_e, emask, oe = _block(batch, E, BB, BE)
     offs_r = tl.arange(0, RP)
     rmask = offs_r < R
     offs_n = tl.arange(0, NP)

@@ -95,6 +95,14 @@ def _delta_of(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _channel_vec(ptr, offs_d, dmask, HAS: tl.constexpr, BD: tl.constexpr):
+    """(BD,) float32 per-channel parameter (delta_bias, D), or zeros when it is absent."""
+    if HAS:
+        return tl.load(ptr + offs_d, mask=dmask, other=0.0)
+    return tl.zeros([BD], dtype=tl.float32)
+
+
+@triton.jit
 def _seq_bounds(cu_ptr, i, L, VARLEN: tl.constexpr):
     """(row of the batch axis, first position, length) of sequence i, all int64."""
     if VARLEN:
@@ -215,10 +223,7 @@ def _fwd_kernel(
     tmask = dmask[:, None] & nmask[None, :]
     grp = (pid_d * BD) // dpg
     A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0)
-    else:
-        bias = tl.zeros([BD], dtype=tl.float32)
+    bias = _channel_vec(bias_ptr, offs_d, dmask, HAS_BIAS, BD)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=dmask, other=0.0)
     od = offs_d.to(tl.int64)
@@ -363,10 +368,7 @@ def _bwd_local_kernel(
     tmask = dmask[:, None] & nmask[None, :]
     grp = (pid_d * BD) // dpg
     A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0)
-    else:
-        bias = tl.zeros([BD], dtype=tl.float32)
+    bias = _channel_vec(bias_ptr, offs_d, dmask, HAS_BIAS, BD)
     g_base = g_ptr + row * sg_b + offs_d.to(tl.int64) * sg_d
     dt_base = dt_ptr + row * sdt_b + offs_d.to(tl.int64) * sdt_d
     z_base = z_ptr + row * sz_b + offs_d.to(tl.int64) * sz_d
@@ -472,14 +474,8 @@ def _bwd_kernel(
         grp = (pid_d * BD) // dpg
         A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
         Af = A2 * 0.6931471805599453  # back to A for ∂Δ = Σ A · ∂(ΔA)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0)
-        else:
-            bias = tl.zeros([BD], dtype=tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=dmask, other=0.0)
-        else:
-            Dv = tl.zeros([BD], dtype=tl.float32)
+        bias = _channel_vec(bias_ptr, offs_d, dmask, HAS_BIAS, BD)
+        Dv = _channel_vec(D_ptr, offs_d, dmask, HAS_D, BD)
         od = offs_d.to(tl.int64)
         u_base = u_ptr + row * su_b + od * su_d
         dt_base = dt_ptr + row * sdt_b + od * sdt_d
@@ -789,14 +785,8 @@ def _bwd_kernel_v5(
     tmask = dmask[:, None] & nmask[None, :]
     grp = (pid_d * BD) // dpg
     A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0)
-    else:
-        bias = tl.zeros([BD], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=dmask, other=0.0)
-    else:
-        Dv = tl.zeros([BD], dtype=tl.float32)
+    bias = _channel_vec(bias_ptr, offs_d, dmask, HAS_BIAS, BD)
+    Dv = _channel_vec(D_ptr, offs_d, dmask, HAS_D, BD)
     od = offs_d.to(tl.int64)
     u_base = u_ptr + row * su_b + od * su_d
     dt_base = dt_ptr + row * sdt_b + od * sdt_d

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import MambaConfig, MambaLM
-from .utils import emit_report
+from .utils import emit_report, fmt_num, met_mark
 
 PEERS = {"gen_b1": 3495.0, "gen_b64": 108967.0}
 TARGETS = {"gen_b1": 16000.0, "gen_b64": 108967.0}
@@ -129,14 +129,11 @@ def run(args) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    def num(x):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.0f}"
     lines = [f"{'measurement':<44} {'seqlab':>12} {'mamba_ssm H200':>15} {'target':>10}  unit      met",
              "-" * 100]
     for r in rows:
-        met = "-" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
-        lines.append(f"{r['what']:<44} {num(r['value']):>12} {num(r['peer']):>15} "
-                     f"{num(r['target']):>10}  {r['unit']:<9} {met}")
+        lines.append(f"{r['what']:<44} {fmt_num(r['value']):>12} {fmt_num(r['peer']):>15} "
+                     f"{fmt_num(r['target']):>10}  {r['unit']:<9} {met_mark(r)}")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import MambaConfig, MambaLM
-from .utils import emit_report
+from .utils import emit_report, fmt_num, met_mark
 
 # mamba_ssm 2.3.2 on one H200, from shared/anchors/h200-mamba_ssm-2.3.2-model.json.
 PEERS = {
@@ -182,15 +182,13 @@ def run(args) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    def num(x, fmt="{:,.0f}"):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
     lines = [f"{'measurement':<36} {'seqlab':>11} {'peak GB':>8} {'mamba_ssm':>11} {'peer GB':>8} "
              f"{'ratio':>6}  met", "-" * 92]
     for r in rows:
-        met = "-" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
-        lines.append(f"{r['what']:<36} {num(r['value']):>11} {num(r.get('peak_gb'), '{:.2f}'):>8} "
-                     f"{num(r['peer']):>11} {num(r['peer_peak_gb'], '{:.2f}'):>8} "
-                     f"{num(r['ratio'], '{:.2f}x'):>6}  {met}")
+        lines.append(f"{r['what']:<36} {fmt_num(r['value']):>11} "
+                     f"{fmt_num(r.get('peak_gb'), '{:.2f}'):>8} {fmt_num(r['peer']):>11} "
+                     f"{fmt_num(r['peer_peak_gb'], '{:.2f}'):>8} "
+                     f"{fmt_num(r['ratio'], '{:.2f}x'):>6}  {met_mark(r)}")
     return "\n".join(lines)
 
 

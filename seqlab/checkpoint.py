@@ -251,14 +251,7 @@ def _load_mamba_ssm(directory: Path, meta: dict) -> torch.nn.Module:
     if meta.get("attn_layer_idx"):
         raise NotImplementedError(f"{where}: attn_layer_idx={meta['attn_layer_idx']} (hybrid "
                                   "attention layers) is not supported by seqlab")
-    config = MambaConfig(
-        d_model=meta["d_model"], n_layer=meta["n_layer"], vocab_size=meta["vocab_size"],
-        pad_vocab_size_multiple=meta.get("pad_vocab_size_multiple", 8),
-        norm="rms" if meta.get("rms_norm", True) else "layer",
-        norm_eps=meta.get("norm_epsilon", 1e-5),
-        residual_in_fp32=meta.get("residual_in_fp32", True),
-        tie_embeddings=meta.get("tie_embeddings", True),
-        **_ssm_cfg_to_kwargs(meta.get("ssm_cfg") or {}, where))
+    config = MambaConfig(**_mixer_seq_kwargs(meta, where, "tie_embeddings"))
     source = _read_weights(directory)
     state = _convert(source, _MAMBA_SSM_KEYS, directory)
     return _finish_lm(state, config, directory, head_key="lm_head.weight")
@@ -381,21 +374,28 @@ def _load_caduceus(directory: Path, meta: dict) -> torch.nn.Module:
     return model
 
 
-def _caduceus_config(meta: dict, where: str, **overrides) -> MambaConfig:
-    strategy = meta.get("bidirectional_strategy") or "add"
-    strategies = {"add": "add", "ew_multiply": "mul"}
-    if strategy not in strategies:
-        raise ValueError(f"{where}: bidirectional_strategy={strategy!r}; known: {sorted(strategies)}")
-    kwargs = dict(
+def _mixer_seq_kwargs(meta: dict, where: str, tie_key: str) -> dict:
+    """MambaConfig keywords from a mamba_ssm-style config (mamba_ssm's MambaConfig and
+    Caduceus' share these keys; the tying flag is ``tie_key``)."""
+    return dict(
         d_model=meta["d_model"], n_layer=meta["n_layer"], vocab_size=meta["vocab_size"],
         pad_vocab_size_multiple=meta.get("pad_vocab_size_multiple", 8),
         norm="rms" if meta.get("rms_norm", True) else "layer",
         norm_eps=meta.get("norm_epsilon", 1e-5),
         residual_in_fp32=meta.get("residual_in_fp32", True),
-        tie_embeddings=meta.get("tie_word_embeddings", True),
-        bidirectional=meta.get("bidirectional", True), bidirectional_strategy=strategies[strategy],
-        tie_bidirectional_projections=meta.get("bidirectional_weight_tie", True),
+        tie_embeddings=meta.get(tie_key, True),
         **_ssm_cfg_to_kwargs(meta.get("ssm_cfg") or {}, where))
+
+
+def _caduceus_config(meta: dict, where: str, **overrides) -> MambaConfig:
+    strategy = meta.get("bidirectional_strategy") or "add"
+    strategies = {"add": "add", "ew_multiply": "mul"}
+    if strategy not in strategies:
+        raise ValueError(f"{where}: bidirectional_strategy={strategy!r}; known: {sorted(strategies)}")
+    kwargs = _mixer_seq_kwargs(meta, where, "tie_word_embeddings")
+    kwargs.update(
+        bidirectional=meta.get("bidirectional", True), bidirectional_strategy=strategies[strategy],
+        tie_bidirectional_projections=meta.get("bidirectional_weight_tie", True))
     kwargs.update(overrides)
     return MambaConfig(**kwargs)
 

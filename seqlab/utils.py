@@ -95,3 +95,13 @@ def emit_report(header: str, table: str, rows: list[dict], json_path: str | None
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=2)
+
+
+def fmt_num(x, fmt: str = "{:,.0f}") -> str:
+    """A table cell: '-' for None or NaN, else ``fmt`` applied."""
+    return "-" if x is None or (isinstance(x, float) and x != x) else fmt.format(x)
+
+
+def met_mark(row: dict) -> str:
+    """'yes' / 'NO' for a benchmark row's ``meets_target``, '-' when it has no target."""
+    return "-" if row["meets_target"] is None else ("yes" if row["meets_target"] else "NO")
