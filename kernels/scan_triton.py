@@ -10,28 +10,28 @@ and one segment of T scan steps; its state (BD, N) lives in registers.  Inputs a
 (BD, 8) and (N, 8) tiles (8 time steps, coalesced along L for the usual (b, d, l) layout),
 split into columns in registers, and the next tile is prefetched while one is computed.
 
-forward
-    1. ``_fwd_kernel`` (WRITE_OUT=False): each segment's end state from h = 0 and its sum of
-       Δ (the segment's decay is exp(A ΣΔ)).  Skipped when there is one segment.
+forward (segments of T steps, S of them)
+    1. ``_fwd_kernel`` (WRITE_OUT=False): the end state of segments 0..S-2 from h = 0 and
+       their sums of Δ (a segment's decay is exp(A ΣΔ)).  Skipped when there is one segment.
     2. ``_combine_kernel``: a short sequential scan over segments giving each segment's start
        state; ``initial_state`` enters here.
     3. ``_fwd_kernel`` (WRITE_OUT=True): rerun each segment from its start state, write out,
-       ``last_state``, and the state before every K = 32 steps (checkpoints, N/8 float32 per
-       element of u: the only activation the backward keeps besides the inputs).  The
-       (batch, dim, L, N) states never reach HBM.
-backward
-    1. ``_bwd_local_kernel``: each segment's adjoint at its start from a zero adjoint at its
-       end (needs no h).  Skipped when there is one segment.
+       ``last_state``, and the state before every K = 32 steps (checkpoints indexed by
+       position, N/8 float32 per element of u: the only activation the backward keeps besides
+       the inputs).  The (batch, dim, L, N) states never reach HBM.
+backward (its own segmentation, Tb steps x Sb: it wants more parallelism than the forward,
+    whose step 1 costs a pass per extra segment; it restarts from any K-step checkpoint)
+    1. ``_bwd_local_kernel``: the adjoint at the start of segments 1..Sb-1 from a zero adjoint
+       at their end (needs no h), and their ΣΔ.  Skipped when there is one segment.
     2. ``_combine_kernel`` run backwards over segments: the adjoint entering each segment's end;
        ``∂last_state`` enters here.
-    3. ``_bwd_kernel`` (v4, default): per segment, for each K-step sub-chunk from the last:
-       recompute h from its checkpoint into a per-program scratch slot (and ∂z, which needs the
-       pre-gate y), then run the adjoint backwards over it.  ∂B, ∂C are reduced over the BD
-       channels in registers and written as float32 partials (batch, dim/BD, N, L), summed
-       afterwards: deterministic, no atomics.  The grid is persistent so each scratch slot has
-       one owner (and stays in L2).  ``_bwd_kernel_v5`` (SEQLAB_SCAN_BWD=v5) stores h only every
-       4 steps and recomputes the 4 states of a chunk in registers in the adjoint pass; see its
-       docstring and NOTES.md.
+    3. ``_bwd_kernel_v5`` (default): per segment, for each K-step sub-chunk from the last:
+       recompute h from its checkpoint, storing it every 4 steps into a per-program scratch
+       slot (and ∂z, which needs the pre-gate y, and ∂C), then run the adjoint backwards over
+       it, recomputing each 4-step chunk's states in registers.  ∂B, ∂C are reduced over the
+       BD channels in registers and written as float32 partials, summed afterwards:
+       deterministic, no atomics.  ``_bwd_kernel`` (v4, SEQLAB_SCAN_BWD=v4) stores h at every
+       step and runs a persistent grid; see NOTES.md.
 
 Layouts: ``out`` and ∂u, ∂δ, ∂z are allocated like u, δ, z: channels-last (a (batch, L, dim)
 buffer transposed, stride(1) == 1, as nn.Linear hands them over) when the input is, else
@@ -53,7 +53,12 @@ import triton.language as tl
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 SUB_K = 32  # sub-chunk length of the backward's recompute (multiple of every segment length)
-PROGRAMS_PER_SM = 16  # segments are added until the grid has about this many programs per SM
+# Segments are added until the grid has about this many programs per SM. The forward's extra
+# pass over segments 0..S-2 makes fewer segments pay there; the backward wants the parallelism.
+# H200, (8, 2048, 2048): forward 0.585 ms at 8 vs 0.639 at 16; fwd+bwd (one segmentation for
+# both) 3.41 ms at 8 vs 2.96 at 16.
+PROGRAMS_PER_SM_FWD = 8
+PROGRAMS_PER_SM_BWD = 16
 # Backward variant, read from the environment at every call so both can be timed in one process:
 # SEQLAB_SCAN_BWD=v4 (the measured default) or v5 (NOTES.md "v5 backward").  SEQLAB_SCAN_MAXNREG
 # caps the registers per thread of v5's main kernel (default V5_MAXNREG; 0: no cap, ptxas then
@@ -200,18 +205,20 @@ def _raw_tiles(u_base, su_l, dt_base, sdt_l, B_base, sB_l, C_base, sC_l, z_base,
 def _fwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr,
     out_ptr, start_ptr, hend_ptr, dsum_ptr, last_ptr, ckpt_ptr,
-    L, dim, N, dpg, S,
+    L, dim, N, dpg, S, NCK,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     sst_i, sst_s, sst_d, sst_n,
     T: tl.constexpr, K: tl.constexpr, HAS_START: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
     VARLEN: tl.constexpr, WRITE_OUT: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    HAS_DSUM: tl.constexpr = False,
 ):
-    """WRITE_OUT=False: segment end states from h = 0 into hend, ΣΔ into dsum.
-    WRITE_OUT=True: out from each segment's start state; last_state; and the state before
-    every K-step sub-chunk into ckpt (nseq, S, T/K, dim, N) float32, the backward's restart
-    points."""
+    """WRITE_OUT=False: end states of segments 0..S-2 from h = 0 into hend, ΣΔ into dsum (the
+    last segment's end state feeds nothing, so it is not launched).
+    WRITE_OUT=True: out from each segment's start state; last_state; the state before every
+    K-step sub-chunk into ckpt (nseq, NCK, dim, N) float32 (entry p/K holds the state before
+    position p of the sequence), the backward's restart points."""
     pid_d = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
     i = tl.program_id(2).to(tl.int64)
@@ -238,9 +245,9 @@ def _fwd_kernel(
         h = tl.load(start_ptr + i * sst_i + s * sst_s + st_offs, mask=tmask, other=0.0)
     else:
         h = tl.zeros([BD, NP], dtype=tl.float32)
-    dsum = tl.zeros([BD], dtype=tl.float32)
+    dacc = tl.zeros([BD, 8], dtype=tl.float32)  # ΣΔ per lane, reduced once at the end
     k0 = s * T
-    ck_base = ckpt_ptr + (i * S + s) * (T // K) * dim * N + offs_d[:, None] * N + offs_n[None, :]
+    ck_base = ckpt_ptr + (i * NCK + s * (T // K)) * dim * N + offs_d[:, None] * N + offs_n[None, :]
     # Software prefetch: the raw tiles of chunk c+1 are loaded while chunk c is computed, so a
     # program's load latency overlaps its own arithmetic (a plain loop stalls on every chunk).
     t, valid = _chunk_pos(k0, 0, bos, seqlen, REVERSE)
@@ -291,7 +298,8 @@ def _fwd_kernel(
             h = _fstep(h, A2, d5, x5, B5)
             h = _fstep(h, A2, d6, x6, B6)
             h = _fstep(h, A2, d7, x7, B7)
-            dsum += tl.sum(delta, axis=1)
+        if HAS_DSUM:
+            dacc += delta
     # hend / dsum / last are contiguous float32: (nseq, S, dim, N), (nseq, S, dim), (nseq, dim, N)
     if WRITE_OUT:
         if s == S - 1:
@@ -300,17 +308,20 @@ def _fwd_kernel(
     else:
         tl.store(hend_ptr + (i * S + s) * dim * N + offs_d[:, None] * N + offs_n[None, :], h,
                  mask=tmask)
-        tl.store(dsum_ptr + (i * S + s) * dim + offs_d, dsum, mask=dmask)
+        if HAS_DSUM:
+            tl.store(dsum_ptr + (i * S + s) * dim + offs_d, tl.sum(dacc, axis=1), mask=dmask)
 
 
 @triton.jit
-def _combine_kernel(loc_ptr, dsum_ptr, A2_ptr, init_ptr, carry_ptr, final_ptr, S, DN, N,
+def _combine_kernel(loc_ptr, dsum_ptr, A2_ptr, init_ptr, carry_ptr, S, DN, N,
                     HAS_INIT: tl.constexpr, BACKWARD: tl.constexpr, BLK: tl.constexpr):
     """Scan over segments: c <- exp(A ΣΔ_s) c + loc_s, storing c before each segment.
 
     Forward (BACKWARD=False) c is the state entering segment s; backward it is the adjoint
-    entering segment s from its end.  loc/carry (nseq, S, dim, N), dsum (nseq, S, dim),
-    init/final (nseq, dim, N); all contiguous float32.
+    entering segment s from its end.  Only S - 1 segments are folded (the last one visited
+    feeds nothing: the forward's final state and the backward's ∂h0 come from the main
+    kernels), so its loc slot is never read.  loc/carry (nseq, S, dim, N), dsum (nseq, S,
+    dim), init (nseq, dim, N); all contiguous float32.
     """
     i = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0).to(tl.int64) * BLK + tl.arange(0, BLK)
@@ -327,9 +338,9 @@ def _combine_kernel(loc_ptr, dsum_ptr, A2_ptr, init_ptr, carry_ptr, final_ptr, S
             s = j
         base = (i * S + s) * DN
         tl.store(carry_ptr + base + offs, c, mask=m)
-        ds = tl.load(dsum_ptr + (i * S + s) * (DN // N) + offs // N, mask=m, other=0.0)
-        c = tl.exp2(a2 * ds) * c + tl.load(loc_ptr + base + offs, mask=m, other=0.0)
-    tl.store(final_ptr + i * DN + offs, c, mask=m)
+        if j < S - 1:
+            ds = tl.load(dsum_ptr + (i * S + s) * (DN // N) + offs // N, mask=m, other=0.0)
+            c = tl.exp2(a2 * ds) * c + tl.load(loc_ptr + base + offs, mask=m, other=0.0)
 
 
 @triton.jit
@@ -349,16 +360,18 @@ def _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base, sC_l, t, m2, 
 
 @triton.jit
 def _bwd_local_kernel(
-    g_ptr, dt_ptr, z_ptr, C_ptr, A2_ptr, bias_ptr, cu_ptr, muloc_ptr,
+    g_ptr, dt_ptr, z_ptr, C_ptr, A2_ptr, bias_ptr, cu_ptr, muloc_ptr, dsum_ptr,
     L, dim, N, dpg, S,
     sg_b, sg_d, sg_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sC_b, sC_g, sC_n, sC_l,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     STAGES: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
-    """Adjoint at each segment's start (∂L/∂h just before it) from a zero adjoint at its end."""
+    """Adjoint at the start of segments 1..S-1 (∂L/∂h just before it) from a zero adjoint at
+    its end, and their ΣΔ (dsum (nseq, S, dim)), which the combine needs to carry adjoints across
+    them; segment 0's would only feed ∂h0, which the main kernel computes exactly."""
     pid_d = tl.program_id(0)
-    s = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64) + 1
     i = tl.program_id(2).to(tl.int64)
     row, bos, seqlen = _seq_bounds(cu_ptr, i, L, VARLEN)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -374,6 +387,7 @@ def _bwd_local_kernel(
     z_base = z_ptr + row * sz_b + offs_d.to(tl.int64) * sz_d
     C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
     mu = tl.zeros([BD, NP], dtype=tl.float32)
+    dacc = tl.zeros([BD, 8], dtype=tl.float32)
     k0 = s * T
     t, valid = _chunk_pos(k0, T // 8 - 1, bos, seqlen, REVERSE)
     ng, nz, nraw, nC = _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base, sC_l, t,
@@ -401,6 +415,7 @@ def _bwd_local_kernel(
         delta = tl.where(m2, _delta_of(rraw.to(tl.float32), bias[:, None], HAS_BIAS, SOFTPLUS),
                          0.0)
         Ct = rC.to(tl.float32)
+        dacc += delta
         d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
         g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy)
         C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct)
@@ -414,6 +429,7 @@ def _bwd_local_kernel(
         mu = tl.exp2(d0[:, None] * A2) * (g0[:, None] * C0[None, :] + mu)
     tl.store(muloc_ptr + (i * S + s) * dim * N + offs_d[:, None] * N + offs_n[None, :], mu,
              mask=tmask)
+    tl.store(dsum_ptr + (i * S + s) * dim + offs_d, tl.sum(dacc, axis=1), mask=dmask)
 
 
 @triton.jit
@@ -437,7 +453,7 @@ def _bwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr, g_ptr,
     ckpt_ptr, muend_ptr, scratch_ptr,
     du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dinit_ptr,
-    L, dim, N, dpg, S, n_work, ndb,
+    L, dim, N, dpg, S, n_work, ndb, NCK,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     smu_i, smu_s, smu_d, smu_n,
@@ -488,7 +504,7 @@ def _bwd_kernel(
         C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
         p_base = (row * ndb + pid_d) * N * L + offs_n.to(tl.int64) * L
         k0 = s * T
-        ck_base = ckpt_ptr + (i * S + s) * NSUB * dim * N + offs_d[:, None] * N \
+        ck_base = ckpt_ptr + (i * NCK + s * NSUB) * dim * N + offs_d[:, None] * N \
             + offs_n[None, :]
         if HAS_MU:
             mu = tl.load(muend_ptr + i * smu_i + s * smu_s + offs_d[:, None] * smu_d
@@ -735,7 +751,7 @@ def _bwd_kernel_v5(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr, g_ptr,
     ckpt_ptr, muend_ptr, scratch_ptr,
     du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dinit_ptr,
-    L, dim, N, dpg, S, n_work, ndb,
+    L, dim, N, dpg, S, n_work, ndb, NCK,
     su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
     smu_i, smu_s, smu_d, smu_n,
@@ -801,7 +817,7 @@ def _bwd_kernel_v5(
     dB_base = dBp_ptr + p_off
     dC_base = dCp_ptr + p_off
     k0 = s * T
-    ck_base = ckpt_ptr + (i * S + s) * NSUB * dim * N + offs_d[:, None] * N + offs_n[None, :]
+    ck_base = ckpt_ptr + (i * NCK + s * NSUB) * dim * N + offs_d[:, None] * N + offs_n[None, :]
     if HAS_MU:
         mu = tl.load(muend_ptr + i * smu_i + s * smu_s + offs_d[:, None] * smu_d
                      + offs_n[None, :] * smu_n, mask=tmask, other=0.0)
@@ -945,29 +961,46 @@ class _Plan:
         else:
             lens = (cu_seqlens[1:] - cu_seqlens[:-1])
             self.nseq, self.maxlen = lens.numel(), max(int(lens.max()), 1)
-        # Enough segments to give every SM ~PROGRAMS_PER_SM programs, each at least 64 steps long
-        # (segment passes cost a second exp per element) and at most 1024 (bounds unrolled work
-        # per program and the checkpoint count per segment).
-        target = PROGRAMS_PER_SM * _n_sm(u.device)
-        rows = self.nseq * self.ndb
-        seg = triton.cdiv(self.maxlen, max(1, triton.cdiv(target, rows)))
-        seg = min(max(seg, 64), 1024)
-        if self.maxlen <= 64:
-            seg = self.maxlen
-        self.T = triton.cdiv(seg, SUB_K) * SUB_K
-        self.S = triton.cdiv(self.maxlen, self.T)
+        # Forward and backward split the length into segments independently: (T, S) and
+        # (Tb, Sb). The checkpoints are indexed by position (entry p / K holds the state before
+        # step p), so the backward can restart anywhere on a K-step boundary.
+        n_sm = _n_sm(u.device)
+        self.T, self.S = self._segments(_env_int("SEQLAB_SCAN_PPSM_FWD", PROGRAMS_PER_SM_FWD), n_sm)
+        self.Tb, self.Sb = self._segments(_env_int("SEQLAB_SCAN_PPSM_BWD", PROGRAMS_PER_SM_BWD),
+                                          n_sm)
+        self.NCK = triton.cdiv(max(self.S * self.T, self.Sb * self.Tb), SUB_K)
         self.stages = 1  # tl.range pipelining of the backward's loops: 2 measured ~4% faster once
         self.num_warps = 1  # 1 warp per program measured faster than 2 or 4 (NOTES.md)
         self.bwd = os.environ.get("SEQLAB_SCAN_BWD", "").strip().lower() or DEFAULT_BWD
         if self.bwd not in BWD_VARIANTS:
             raise ValueError(f"SEQLAB_SCAN_BWD={self.bwd!r}: expected one of {BWD_VARIANTS}")
-        self.maxnreg = int(os.environ.get("SEQLAB_SCAN_MAXNREG", "").strip() or V5_MAXNREG)
+        self.maxnreg = _env_int("SEQLAB_SCAN_MAXNREG", V5_MAXNREG)
+
+    def _segments(self, ppsm: int, n_sm: int) -> tuple[int, int]:
+        """(segment length T, count S): enough segments to give every SM about ``ppsm``
+        programs, each at least 64 steps long (segments cost a second pass over them) and at
+        most 1024 (bounds the checkpoint count per segment); T a multiple of SUB_K."""
+        rows = self.nseq * self.ndb
+        seg = triton.cdiv(self.maxlen, max(1, triton.cdiv(ppsm * n_sm, rows)))
+        seg = min(max(seg, 64), 1024)
+        if self.maxlen <= 64:
+            seg = self.maxlen
+        T = triton.cdiv(seg, SUB_K) * SUB_K
+        return T, triton.cdiv(self.maxlen, T)
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
+    try:
+        return int(v) if v else default
+    except ValueError:
+        raise ValueError(f"{name}={v!r}: expected an integer") from None
 
 
 def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, reverse, cu):
-    """Returns out (batch, dim, L) in u's dtype and layout, last (nseq, dim, N) fp32, the
-    sub-chunk checkpoints (nseq, S, T/K, dim, N) fp32 and dsum (nseq, S, dim) fp32 or None if
-    S == 1."""
+    """Returns out (batch, dim, L) in u's dtype and layout, last (nseq, dim, N) fp32 and the
+    sub-chunk checkpoints (nseq, NCK, dim, N) fp32 (entries past the forward's S·T steps, which
+    only a backward segment overhanging the length reads, are zero)."""
     batch, dim, L = u.shape
     N, S, nseq = plan.N, plan.S, plan.nseq
     dev = u.device
@@ -984,7 +1017,9 @@ def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, re
                delta_bias if delta_bias is not None else dummy,
                cu if cu is not None else dummy)
     strides = (*u.stride(), *delta.stride(), *zz.stride(), *out.stride(), *sB, *sC)
-    ckpt = _empty(nseq, S, plan.T // SUB_K, dim, N, dtype=torch.float32, device=dev)
+    ckpt = _empty(nseq, plan.NCK, dim, N, dtype=torch.float32, device=dev)
+    if plan.NCK > S * plan.T // SUB_K:
+        ckpt[:, S * plan.T // SUB_K:].zero_()
     if S == 1:
         dsum = None
         st = h0 if h0 is not None else dummy
@@ -993,23 +1028,25 @@ def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, re
     else:
         hend = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
         dsum = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
-        _fwd_kernel[grid](*args_in, out, dummy, hend, dsum, last, dummy, L, dim, N, plan.dpg, S,
-                          *strides, 0, 0, 0, 0, HAS_START=False, WRITE_OUT=False, **common)
+        # segments 0..S-2 only: the last one's end state is what the WRITE_OUT pass computes
+        _fwd_kernel[(plan.ndb, S - 1, nseq)](
+            *args_in, out, dummy, hend, dsum, last, dummy, L, dim, N, plan.dpg, S, plan.NCK,
+            *strides, 0, 0, 0, 0, HAS_START=False, WRITE_OUT=False, HAS_DSUM=True, **common)
         start = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
         BLK = 256
         _combine_kernel[(triton.cdiv(dim * N, BLK), nseq)](
-            hend, dsum, A2, h0 if h0 is not None else dummy, start, last, S, dim * N, N,
+            hend, dsum, A2, h0 if h0 is not None else dummy, start, S, dim * N, N,
             HAS_INIT=h0 is not None, BACKWARD=False, BLK=BLK)
         st, sst, has_start = start, start.stride(), True
     _fwd_kernel[grid](*args_in, out, st, dummy, dummy, last, ckpt, L, dim, N, plan.dpg, S,
-                      *strides, *sst, HAS_START=has_start, WRITE_OUT=True, **common)
-    return out, last, ckpt, dsum
+                      plan.NCK, *strides, *sst, HAS_START=has_start, WRITE_OUT=True, **common)
+    return out, last, ckpt
 
 
 def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softplus, h0,
-              ckpt, dsum, reverse, cu):
+              ckpt, reverse, cu):
     batch, dim, L = u.shape
-    N, S, nseq, BD, NP = plan.N, plan.S, plan.nseq, plan.BD, plan.NP
+    N, S, T, nseq, BD, NP = plan.N, plan.Sb, plan.Tb, plan.nseq, plan.BD, plan.NP
     dev = u.device
     dummy = A2
     zz = z if z is not None else u
@@ -1024,15 +1061,15 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
             dlast is not None
     else:
         muloc = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
-        _bwd_local_kernel[(plan.ndb, S, nseq)](
-            g, delta, zz, C, A2, biasv, cuv, muloc, L, dim, N, plan.dpg, S,
-            *g.stride(), *delta.stride(), *zz.stride(), *sC, T=plan.T,
+        dsum = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
+        _bwd_local_kernel[(plan.ndb, S - 1, nseq)](
+            g, delta, zz, C, A2, biasv, cuv, muloc, dsum, L, dim, N, plan.dpg, S,
+            *g.stride(), *delta.stride(), *zz.stride(), *sC, T=T,
             PREFETCH=plan.bwd == "v5", **flags)
         muend = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
-        dinit_c = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
         BLK = 256
         _combine_kernel[(triton.cdiv(dim * N, BLK), nseq)](
-            muloc, dsum, A2, dlast if dlast is not None else dummy, muend, dinit_c, S,
+            muloc, dsum, A2, dlast if dlast is not None else dummy, muend, S,
             dim * N, N, HAS_INIT=dlast is not None, BACKWARD=True, BLK=BLK)
         smu, has_mu = muend.stride(), True
     du, ddelta = _empty_as(u), _empty_as(delta)
@@ -1058,10 +1095,10 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
     kernel[(nprog,)](
         u, delta, zz, B, C, A2, D if D is not None else dummy, biasv, cuv, g,
         ckpt, muend, scratch, du, ddelta, dz if dz is not None else du, dBp, dCp, dAp, dDp, dbp,
-        dinit, L, dim, N, plan.dpg, S, n_work, plan.ndb,
+        dinit, L, dim, N, plan.dpg, S, n_work, plan.ndb, plan.NCK,
         *u.stride(), *delta.stride(), *zz.stride(), *g.stride(), *sB, *sC, *smu,
         *du.stride(), *ddelta.stride(), *(dz if dz is not None else du).stride(),
-        T=plan.T, K=SUB_K, HAS_MU=has_mu, HAS_D=D is not None, **flags)
+        T=T, K=SUB_K, HAS_MU=has_mu, HAS_D=D is not None, **flags)
     G = plan.groups
     if v5:
         dB = dBp.view(batch, G, plan.ndb // G, L, N).sum(2).transpose(-1, -2)
@@ -1087,19 +1124,19 @@ class _SelectiveScanFn(torch.autograd.Function):
         D = D.float().contiguous() if D is not None else None
         bias = delta_bias.float().contiguous() if delta_bias is not None else None
         h0c = h0.float().contiguous() if h0 is not None else None
-        out, last, ckpt, dsum = _forward(plan, u, delta, A2, B, C, D, z, bias, softplus, h0c,
-                                          reverse, cu)
-        ctx.save_for_backward(u, delta, A2, B, C, D, z, bias, h0c, ckpt, dsum, cu)
+        out, last, ckpt = _forward(plan, u, delta, A2, B, C, D, z, bias, softplus, h0c,
+                                   reverse, cu)
+        ctx.save_for_backward(u, delta, A2, B, C, D, z, bias, h0c, ckpt, cu)
         ctx.plan, ctx.softplus, ctx.reverse = plan, softplus, reverse
         ctx.dtypes = (A.dtype, None if h0 is None else h0.dtype)
         return out, last
 
     @staticmethod
     def backward(ctx, g, dlast):
-        u, delta, A2, B, C, D, z, bias, h0c, ckpt, dsum, cu = ctx.saved_tensors
+        u, delta, A2, B, C, D, z, bias, h0c, ckpt, cu = ctx.saved_tensors
         dlast = dlast.float().contiguous() if dlast is not None else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _backward(
-            ctx.plan, g, dlast, u, delta, A2, B, C, D, z, bias, ctx.softplus, h0c, ckpt, dsum,
+            ctx.plan, g, dlast, u, delta, A2, B, C, D, z, bias, ctx.softplus, h0c, ckpt,
             ctx.reverse, cu)
         dh0 = dinit.to(ctx.dtypes[1]) if h0c is not None else None
         return (du, ddelta, dA.to(ctx.dtypes[0]), dB, dC, dD, dz, dbias, None, dh0, None, None)

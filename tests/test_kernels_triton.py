@@ -170,6 +170,24 @@ def test_scan_matches_reference(spec, opts, bwd):
     check(case, nseq, dtype, cu=spec.get("cu"), **opts)
 
 
+@pytest.mark.parametrize("ppsm_fwd,ppsm_bwd,cu", [
+    (1, 64, None),        # forward: 4 segments of 96 steps; backward: 5 of 64
+    (64, 1, None),        # forward: 5 of 64; backward: 4 of 96, the last past the forward's end
+    (64, 1, [0, 300, 310, 471]),  # packed, with a 10-step sequence
+], ids=["fwd-coarse", "bwd-coarse", "bwd-coarse-varlen"])
+def test_forward_and_backward_segment_independently(ppsm_fwd, ppsm_bwd, cu, bwd, monkeypatch):
+    """The backward restarts from position-indexed checkpoints, so its segmentation may differ
+    from the forward's (each is chosen for its own kernels); gradients stay exact either way."""
+    monkeypatch.setenv("SEQLAB_SCAN_PPSM_FWD", str(ppsm_fwd))
+    monkeypatch.setenv("SEQLAB_SCAN_PPSM_BWD", str(ppsm_bwd))
+    L = 300 if cu is None else cu[-1]
+    case, nseq = make_case(1, 8, L, 4, torch.float32, cu=cu)
+    plan = scan_triton._Plan(case["u"], case["A"], case["B"],
+                             None if cu is None else torch.tensor(cu))
+    assert (plan.T, plan.S) != (plan.Tb, plan.Sb) and min(plan.S, plan.Sb) > 1, vars(plan)
+    check(case, nseq, torch.float32, reverse=cu is not None, cu=cu)
+
+
 def test_padded_segment_tail_keeps_state():
     """Output of a 3-segment scan equals the reference's when L is not a segment multiple, also
     through the forward-only path (no gradients) with return_last_state off."""
