@@ -35,8 +35,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(d_model: int, n_layer: int, device: torch.device, dtype: torch.dtype) -> MambaLM:
-    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, d_state=16, vocab_size=256)
+def build(d_model: int, n_layer: int, device: torch.device, dtype: torch.dtype,
+          pool_factors: tuple[int, ...] = (), pool_expand: int = 2) -> MambaLM:
+    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, d_state=16, vocab_size=256,
+                      pool_factors=list(pool_factors), pool_expand=pool_expand)
     return MambaLM(cfg, device=device, dtype=dtype).eval()
 
 
@@ -54,9 +56,10 @@ def bench_generate(model: MambaLM, batch: int, new_tokens: int, device: torch.de
 
 
 def bench_train(d_model: int, n_layer: int, batch: int, length: int, steps: int,
-                device: torch.device, bf16: bool) -> tuple[float, float]:
+                device: torch.device, bf16: bool, pool_factors=(), pool_expand=2
+                ) -> tuple[float, float]:
     """(tokens/s, peak GiB) of full training steps at (batch, length) after two warm-up steps."""
-    model = build(d_model, n_layer, device, torch.float32).train()
+    model = build(d_model, n_layer, device, torch.float32, pool_factors, pool_expand).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     targets = torch.randint(0, 256, (batch, length), generator=g)
@@ -100,8 +103,11 @@ def run(args) -> list[dict]:
              "float16": torch.float16}[args.gen_dtype]
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32  # CPU decoding in low precision is slower, not faster
-    graphs = device.type == "cuda"
-    model = build(d_model, n_layer, device, dtype)
+    pf = tuple(int(f) for f in args.pool_factors.split(",") if f) if args.pool_factors else ()
+    graphs = device.type == "cuda" and not pf  # the multi-scale step is not graph-captured
+    if pf and t_len % math.prod(pf):
+        t_len -= t_len % math.prod(pf)  # the multi-scale model needs L divisible by the pooling
+    model = build(d_model, n_layer, device, dtype, pf, args.pool_expand)
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
     for name, b in (("gen_b1", 1), ("gen_b64", b_big)):
@@ -110,7 +116,8 @@ def run(args) -> list[dict]:
         print(f"  {rows[-1]['what']}: {rows[-1]['value']:,.0f} samples/s", flush=True)
     del model
     tok, peak = bench_train(d_model, n_layer, t_batch, t_len, t_steps, device,
-                            bf16=device.type == "cuda")
+                            bf16=device.type == "cuda", pool_factors=pf,
+                            pool_expand=args.pool_expand)
     rows.append({"name": "train", "what": f"train, length {t_len}, batch {t_batch}"
                  f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}",
                  "unit": "tokens/s", "value": tok, "peak_gib": peak})
@@ -119,7 +126,8 @@ def run(args) -> list[dict]:
         r["peer"] = None if args.quick else PEERS.get(r["name"])
         r["target"] = None if args.quick else TARGETS.get(r["name"])
         r["meets_target"] = None if r["target"] is None else bool(r["value"] >= r["target"])
-    header = (f"seqlab audio benchmark: d_model {d_model}, {n_layer} layers, "
+    arch = f"multi-scale, pool factors {list(pf)}, " if pf else ""
+    header = (f"seqlab audio benchmark: {arch}d_model {d_model}, {n_layer} layers, "
               f"{n_params / 1e6:.2f}M parameters, {device}"
               f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
               f"decode dtype {str(dtype).replace('torch.', '')}, {gen_tokens} new samples per call"
@@ -144,6 +152,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test on CPU)")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=14)
+    p.add_argument("--pool-factors", default="",
+                   help="comma-separated pooling factors for the multi-scale (SaShiMi-style) "
+                        "model, e.g. 4,4 (recipes/model/audio_sashimi.yaml); empty = flat")
+    p.add_argument("--pool-expand", type=int, default=2,
+                   help="width multiplier per pooling stage (multi-scale model)")
     p.add_argument("--gen-tokens", type=int, default=8000,
                    help="new samples per sequence in each timed generate() call")
     p.add_argument("--gen-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],

@@ -34,6 +34,13 @@ def _random_cache(m, batch, dtype):
     return cache, [(a.clone(), b.clone()) for a, b in cache]
 
 
+@pytest.fixture(autouse=True)
+def force_fused(monkeypatch):
+    """The fused kernels at every batch size here (auto hands batches above FUSED_MAX_BATCH
+    to the per-op step)."""
+    monkeypatch.setenv("SEQLAB_LM_STEP", "fused")
+
+
 @pytest.mark.parametrize("batch", [1, 3, 17])
 @pytest.mark.parametrize("kw", [
     {},
@@ -88,8 +95,27 @@ def test_fused_step_bf16_weights_close_to_per_op(batch):
                 assert (sf - sr).abs().max().item() < 0.05 * sr.abs().max().item() + 1e-2
 
 
-def test_fused_step_is_chosen_only_where_it_applies():
+def test_fused_step_is_chosen_only_where_it_applies(monkeypatch):
+    import seqlab.model.decode as dec
+    monkeypatch.setenv("SEQLAB_LM_STEP", "auto")
     m = _model()
+    big = dec.FUSED_MAX_BATCH + 1
+    with torch.no_grad():
+        m.step(torch.zeros(big, dtype=torch.long, device=DEV), m.allocate_cache(big))
+        assert last_impl("lm_step") == "per_op"
+        m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
+        assert last_impl("lm_step") == "fused_triton"
+        monkeypatch.setenv("SEQLAB_LM_STEP", "per_op")
+        m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
+        assert last_impl("lm_step") == "per_op"
+        monkeypatch.setenv("SEQLAB_LM_STEP", "fused")
+        with pytest.raises(ValueError, match="does not apply"):
+            _model(selective=False).step(torch.zeros(1, dtype=torch.long, device=DEV),
+                                         _model(selective=False).allocate_cache(1))
+        monkeypatch.setenv("SEQLAB_LM_STEP", "fastest")
+        with pytest.raises(ValueError, match="SEQLAB_LM_STEP"):
+            m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
+    monkeypatch.setenv("SEQLAB_LM_STEP", "auto")
     assert fused_step_reason(m, DEV) is None
     assert "LTI" in fused_step_reason(_model(selective=False), DEV)
     torch_impl = _model(scan_impl="torch")

@@ -239,8 +239,8 @@ class MambaLM(nn.Module):
         """
         from seqlab.kernels import api as kernel_api
 
-        from .decode import fused_lm_step, fused_step_reason
-        if fused_step_reason(self, ids_t.device) is None:
+        from .decode import fused_lm_step, use_fused_step
+        if use_fused_step(self, ids_t):
             kernel_api._last_impl["lm_step"] = "fused_triton"
             return fused_lm_step(self, ids_t, cache)
         kernel_api._last_impl["lm_step"] = "per_op"

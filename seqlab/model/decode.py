@@ -37,6 +37,39 @@ def fused_step_reason(model: nn.Module, device: torch.device) -> str | None:
     return None
 
 
+# Largest batch the fused step is chosen for under SEQLAB_LM_STEP=auto. From 16 rows the fused
+# kernels switch to tl.dot tiles, whose cross-program partial sums are read one at a time; the
+# per-op step's cuBLAS GEMMs win there. H200, 130m, CUDA graphs: batch 1 fused 927 tokens/s vs
+# per-op 600; batch 64 fused 19,963 vs per-op 32,960.
+FUSED_MAX_BATCH = 15
+STEP_CHOICES = ("auto", "fused", "per_op")
+
+
+def step_choice() -> str:
+    """SEQLAB_LM_STEP: auto (default), fused or per_op."""
+    import os
+    v = os.environ.get("SEQLAB_LM_STEP", "").strip().lower() or "auto"
+    if v not in STEP_CHOICES:
+        raise ValueError(f"SEQLAB_LM_STEP={v!r}: expected one of {STEP_CHOICES}")
+    return v
+
+
+def use_fused_step(model: nn.Module, ids_t: Tensor) -> bool:
+    """Whether ``MambaLM.step`` takes the fused path for this call (SEQLAB_LM_STEP, the
+    model's structure and the batch size decide; ``last_impl("lm_step")`` reports it)."""
+    choice = step_choice()
+    if choice == "per_op":
+        return False
+    reason = fused_step_reason(model, ids_t.device)
+    if reason is not None:
+        if choice == "fused":
+            raise ValueError(f"SEQLAB_LM_STEP=fused but the fused step does not apply: {reason}")
+        return False
+    if choice == "auto" and FUSED_MAX_BATCH is not None and ids_t.shape[0] > FUSED_MAX_BATCH:
+        return False
+    return True
+
+
 def _norm_args(norm: nn.Module):
     from .backbone import RMSNorm
     if isinstance(norm, RMSNorm):
