@@ -60,12 +60,14 @@ SUB_K = 32  # sub-chunk length of the backward's recompute (multiple of every se
 PROGRAMS_PER_SM_FWD = 8
 PROGRAMS_PER_SM_BWD = 16
 # Backward variant, read from the environment at every call so both can be timed in one process:
-# SEQLAB_SCAN_BWD=v4 (the measured default) or v5 (NOTES.md "v5 backward").  SEQLAB_SCAN_MAXNREG
+# SEQLAB_SCAN_BWD=v5 (the default) or v4 (NOTES.md "v5 backward").  SEQLAB_SCAN_MAXNREG
 # caps the registers per thread of v5's main kernel (default V5_MAXNREG; 0: no cap, ptxas then
 # takes 255, which allows 8 one-warp programs per SM; 144 allows 14, with a few spills).
 BWD_VARIANTS = ("v4", "v5")
 DEFAULT_BWD = "v5"  # measured on the H200: fwd+bwd 3.08 ms vs v4 4.12 at lm (8, 2048, 2048)
-V5_MAXNREG = 144
+# Register cap of the v5 backward (0 = none). H200, fwd+bwd ms at the four anchor shapes: no cap
+# 2.726 / 10.845 / 5.498 / 10.378, cap 144 2.904 / 12.109 / 6.222 / 11.636 (NOTES.md).
+V5_MAXNREG = 0
 # Tests set this to fill every output buffer with NaN before the kernels write it, so an element
 # a kernel forgets to write cannot pass as a plausible value.
 POISON = False
@@ -931,6 +933,10 @@ def _pow2_divisor(x: int, cap: int) -> int:
     return p
 
 
+def _partial_dtype(M: Tensor) -> torch.dtype:
+    return torch.bfloat16 if M.dtype == torch.bfloat16 else torch.float32
+
+
 def _bc_strides(M: Tensor):
     """Strides (b, g, n, l) of B or C, with a group stride of 0 for the ungrouped (b, N, L)."""
     if M.dim() == 3:
@@ -1077,8 +1083,11 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
     v5 = plan.bwd == "v5"
     # ∂B/∂C partials per channel block: (batch, blocks, N, L) for v4, (batch, blocks, L, N) v5
     pshape = (batch, plan.ndb, L, N) if v5 else (batch, plan.ndb, N, L)
-    dBp = _empty(*pshape, dtype=torch.float32, device=dev)
-    dCp = _empty(*pshape, dtype=torch.float32, device=dev)
+    # bf16 B / C get bf16 partials (each a float32 sum over BD channels, rounded once; torch
+    # sums them in float32): half the backward's largest scratch, 2 x 134 MB -> 2 x 67 MB at
+    # (8, 2048, 2048). The gradient comes back in bf16 anyway. Other dtypes: float32.
+    dBp = _empty(*pshape, dtype=_partial_dtype(B), device=dev)
+    dCp = _empty(*pshape, dtype=_partial_dtype(C), device=dev)
     dAp = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
     dDp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
     dbp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)

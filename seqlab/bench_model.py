@@ -47,16 +47,19 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def lm_130m(quick: bool) -> MambaConfig:
+def lm_130m(quick: bool, fused: bool = True) -> MambaConfig:
     if quick:
-        return MambaConfig(d_model=64, n_layer=2, vocab_size=256)
-    return MambaConfig(d_model=768, n_layer=24, vocab_size=256)
+        return MambaConfig(d_model=64, n_layer=2, vocab_size=256, fused_mixer=fused,
+                           fused_add_norm=fused)
+    return MambaConfig(d_model=768, n_layer=24, vocab_size=256, fused_mixer=fused,
+                       fused_add_norm=fused)
 
 
-def caduceus(quick: bool) -> MambaConfig:
+def caduceus(quick: bool, fused: bool = True) -> MambaConfig:
     d, n = (32, 2) if quick else (256, 16)
     return MambaConfig(d_model=d, n_layer=n, vocab_size=256, bidirectional=True,
-                       tie_bidirectional_projections=True)
+                       tie_bidirectional_projections=True, fused_mixer=fused,
+                       fused_add_norm=fused)
 
 
 def bench_train(cfg: MambaConfig, batch: int, length: int, steps: int, device, profile=False):
@@ -89,7 +92,7 @@ def bench_train(cfg: MambaConfig, batch: int, length: int, steps: int, device, p
     med = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else math.nan
     if profile and device.type == "cuda":
-        print_profile(step, f"train d_model {cfg.d_model} x {cfg.n_layer} "
+        print_profile(step, top=30, title=f"train d_model {cfg.d_model} x {cfg.n_layer} "
                       f"{'bi' if cfg.bidirectional else 'causal'} b{batch} L{length}")
     del model
     return batch * length / med, peak, med * 1e3
@@ -142,13 +145,15 @@ def run(args) -> list[dict]:
 
     if want("train_130m"):
         b, L = (2, 256) if q else (8, 2048)
-        tok, peak, ms = bench_train(lm_130m(q), b, L, args.steps, device, args.profile)
+        tok, peak, ms = bench_train(lm_130m(q, not args.no_fused), b, L, args.steps, device,
+                                    args.profile)
         rows.append(dict(name="train_130m", what=f"train 130m causal, b{b} x L{L}", value=tok,
                          unit="tokens/s", peak_gb=peak, ms=ms))
         print(f"  {rows[-1]['what']}: {tok:,.0f} tokens/s, {ms:.1f} ms, peak {peak:.2f} GB", flush=True)
     if want("train_caduceus"):
         L = 4096 if q else 131072
-        tok, peak, ms = bench_train(caduceus(q), 1, L, args.steps, device, args.profile)
+        tok, peak, ms = bench_train(caduceus(q, not args.no_fused), 1, L, args.steps, device,
+                                    args.profile)
         rows.append(dict(name="train_caduceus", what=f"train Caduceus-size bidir, b1 x L{L}",
                          value=tok, unit="tokens/s", peak_gb=peak, ms=ms))
         print(f"  {rows[-1]['what']}: {tok:,.0f} tokens/s, {ms:.1f} ms, peak {peak:.2f} GB", flush=True)
@@ -201,6 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--new-tokens", type=int, default=256, help="new tokens per decode call")
     p.add_argument("--only", default=None,
                    help="comma-separated row-name prefixes, e.g. train_130m,decode_130m_b1")
+    p.add_argument("--no-fused", action="store_true",
+                   help="train with the module path (config.fused_mixer / fused_add_norm off)")
     p.add_argument("--profile", action="store_true",
                    help="print the top CUDA kernels of one training step (torch.profiler)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")

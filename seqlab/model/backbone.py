@@ -70,6 +70,34 @@ class RMSNorm(nn.Module):
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
+def fused_add_norm(norm: nn.Module, config: MambaConfig, hidden: Tensor, residual: Tensor | None,
+                   out_dtype: torch.dtype, residual_dtype: torch.dtype):
+    """(normed, residual_out) through the Triton add + RMSNorm kernel, or None where it does
+    not apply (LayerNorm, RC-wrapped norms, float64, a non-Triton scan_impl, d > 8192)."""
+    from seqlab.kernels import api as kernel_api
+    if not (config.fused_add_norm and isinstance(norm, RMSNorm)
+            and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (residual is None or residual.dtype in (torch.float32, torch.float16, torch.bfloat16))
+            and residual_dtype != torch.float64 and hidden.shape[-1] <= 8192
+            and kernel_api.resolve_impl(config.scan_impl, hidden.device, op="add_rms_norm") == "triton"):
+        return None
+    from seqlab.kernels.norm_triton import add_rms_norm
+    return add_rms_norm(hidden, residual, norm.weight, norm.eps, out_dtype=out_dtype,
+                        residual_dtype=residual_dtype)
+
+
+def _block_dtypes(hidden: Tensor, residual: Tensor | None, fp32_residual: bool):
+    """(normed dtype, residual dtype) of the unfused path: the residual in float32 by option
+    (else the promoted dtype of the sum); the normed activations in the autocast dtype when
+    autocast is on (what the next matmul would cast them to), else the residual's."""
+    res = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
+    if fp32_residual:
+        res = torch.float32
+    dev = hidden.device.type
+    out = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else res
+    return out, res
+
+
 def make_norm(config: MambaConfig, d: int, device=None, dtype=None) -> nn.Module:
     if config.norm == "rms":
         return RMSNorm(d, config.norm_eps, device=device, dtype=dtype)
@@ -86,6 +114,7 @@ class Block(nn.Module):
     def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
+        self.config = config
         mixer_cls = BiMixer if config.bidirectional else Mixer
         if config.rc_equivariant:
             half = dataclasses.replace(config, d_model=config.d_model // 2)
@@ -98,10 +127,17 @@ class Block(nn.Module):
     def forward(self, hidden: Tensor, residual: Tensor | None = None, cache=None,
                 lengths: Tensor | None = None, cu_seqlens: Tensor | None = None):
         """hidden, residual (batch, L, d_model) -> (mixer output, new residual)."""
-        residual = hidden if residual is None else residual + hidden
-        hidden = self.norm(residual.to(self._norm_dtype()))
-        if self.residual_in_fp32:
-            residual = residual.float()
+        fused = None
+        if self._norm_dtype() == torch.float32:
+            fused = fused_add_norm(self.norm, self.config, hidden, residual,
+                                   *_block_dtypes(hidden, residual, self.residual_in_fp32))
+        if fused is not None:
+            hidden, residual = fused
+        else:
+            residual = hidden if residual is None else residual + hidden
+            hidden = self.norm(residual.to(self._norm_dtype()))
+            if self.residual_in_fp32:
+                residual = residual.float()
         kw = {}
         if lengths is not None:
             kw["lengths"] = lengths
@@ -165,6 +201,11 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, cache=None if cache is None else cache[i],
                                      lengths=lengths, cu_seqlens=cu_seqlens)
+        if self._out_dtype() == torch.float32 and residual is not None:
+            fused = fused_add_norm(self.norm_f, self.config, hidden, residual, torch.float32,
+                                   torch.float32)
+            if fused is not None:
+                return fused[0]
         residual = residual + hidden if residual is not None else hidden
         return self.norm_f(residual.to(self._out_dtype()))
 

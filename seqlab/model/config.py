@@ -52,6 +52,13 @@ class MambaConfig:
 
     # Which selective-scan implementation the mixers call ("auto" | "triton" | "torch" | "reference").
     scan_impl: str = "auto"
+    # Training: run each mixer as one autograd function that keeps only its input, x_proj's
+    # output and the scan output, recomputing in_proj, the conv and Δ in the backward
+    # (seqlab.model.fused_mixer). Applies where the scan resolves to Triton.
+    fused_mixer: bool = True
+    # The residual add and RMSNorm of each block (and the final norm) as one Triton kernel
+    # (seqlab.kernels.norm_triton), where the scan resolves to Triton.
+    fused_add_norm: bool = True
 
     # Multi-scale audio variant (SaShiMi-style pooling stages, seqlab.model.multiscale); empty =
     # flat stack. With [p1, ..., pk]: n_layer blocks per stage, a down stage per level, a center

@@ -180,6 +180,9 @@ class Mixer(nn.Module):
             cu_seqlens: (nseq + 1,) boundaries of sequences packed along L (batch 1).
             reverse: scan and convolve from the end (the backward half of a BiMixer).
         """
+        from .fused_mixer import fused_mixer, fused_mixer_applies
+        if fused_mixer_applies(self, x, cache, lengths, cu_seqlens, reverse):
+            return fused_mixer(self, x, reverse)
         return self.mix(self.in_proj(x), cache, lengths, cu_seqlens, reverse, self.out_proj)
 
     def mix(self, xz: Tensor, cache=None, lengths=None, cu_seqlens=None, reverse=False,

@@ -1,0 +1,157 @@
+"""The whole Mamba-1 mixer (in_proj .. out_proj) as one autograd function that recomputes.
+
+Training memory of a Mamba stack is the activations each layer keeps for its backward. Built
+from modules, a layer keeps in_proj's output xz (2E per token), the conv output u (E), Δ (E),
+the scan output y (E) and the scan's checkpoints: at the 130m size (b 8, L 2048, bf16) about
+300 MB per layer. :class:`FusedMixerFn` keeps only the mixer's input (d_model per token), the
+small x_proj output (R + 2N) and y, with the scan's checkpoints; in the backward it recomputes
+xz = in_proj(x), u = silu(conv(x_in)) and Δ = dt_proj(dt) (one GEMM, the Triton conv and a
+thin GEMM: a few per cent of a layer's time) and runs the Triton kernels' backward directly.
+
+Numerics equal the module path under autocast: the matrix products take the autocast dtype
+(or the weights' dtype without autocast), the scan and conv kernels are the same, the
+gradients of the weights come back in the parameters' dtypes. Used by :class:`Mixer` when
+``config.fused_mixer`` is on and the input is plain (no cache, no lengths, no packing), the
+model is selective, the conv is at most 4 wide and the scan resolves to Triton (the default
+on CUDA); ``seqlab.kernels.last_impl("mixer")`` reports "fused" or "modules".
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from seqlab.kernels import api as kernel_api
+
+Tensor = torch.Tensor
+
+
+def fused_mixer_applies(mixer, x: Tensor, cache, lengths, cu_seqlens, reverse=False) -> bool:
+    """Whether :func:`fused_mixer` can run this call. Right padding (``lengths``) is allowed
+    in the causal direction only: there a real position never sees a later (padded) one, so
+    the module path's zeroing of padded inputs changes nothing at real positions (outputs at
+    padded positions are not defined); the reverse direction starts at the padding and needs
+    the mask."""
+    cfg = mixer.config
+    ok = (getattr(cfg, "fused_mixer", False) and mixer.selective and cache is None
+          and (lengths is None or not reverse) and cu_seqlens is None and mixer.d_conv <= 4
+          and torch.is_grad_enabled()
+          and kernel_api.resolve_impl(cfg.scan_impl, x.device, op="mixer") == "triton")
+    kernel_api._last_impl["mixer"] = "fused" if ok else "modules"
+    return ok
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+class FusedMixerFn(torch.autograd.Function):
+    """(x (batch, L, d_model), the mixer's parameters) -> out (batch, L, d_model)."""
+
+    @staticmethod
+    def forward(ctx, x, reverse, dims, w_in, b_in, w_conv, b_conv, w_x, w_dt, b_dt, A_log, D,
+                w_out, b_out):
+        from seqlab.kernels import conv_triton, scan_triton
+        E, R, N = dims
+        cdt = _compute_dtype(x, w_in)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(cdt)
+            inner = _Inner(xc, E, R, N, reverse, cdt, w_in, b_in, w_conv, b_conv, w_x, w_dt,
+                           conv_triton, want_xdbl=None)
+            A = -torch.exp(A_log.float())
+            plan = scan_triton._Plan(inner.u, A, inner.Bm, None)
+            A2 = (A * scan_triton.LOG2E).contiguous()
+            Df = D.float().contiguous()
+            bias = b_dt.float().contiguous()
+            y, _, ckpt = scan_triton._forward(plan, inner.u, inner.delta, A2, inner.Bm,
+                                              inner.Cm, Df, inner.z, bias, True, None,
+                                              reverse, None)
+            out = F.linear(y.transpose(1, 2), w_out.to(cdt), _cast(b_out, cdt))
+        ctx.save_for_backward(xc, inner.x_dbl, y, ckpt, A2, Df, bias, w_in, b_in, w_conv,
+                              b_conv, w_x, w_dt, b_dt, A_log, w_out, b_out)
+        ctx.plan, ctx.reverse, ctx.dims, ctx.cdt, ctx.x_dtype = plan, reverse, dims, cdt, x.dtype
+        ctx.D_dtype = D.dtype
+        return out.to(cdt)
+
+    @staticmethod
+    def backward(ctx, g):
+        from seqlab.kernels import conv_triton, scan_triton
+        (xc, x_dbl, y, ckpt, A2, Df, bias, w_in, b_in, w_conv, b_conv, w_x, w_dt, b_dt, A_log,
+         w_out, b_out) = ctx.saved_tensors
+        E, R, N = ctx.dims
+        cdt = ctx.cdt
+        with torch.autocast(g.device.type, enabled=False):
+            g = g.to(cdt)
+            g2 = g.reshape(-1, g.shape[-1])
+            yt = y.transpose(1, 2)  # (batch, L, E), contiguous
+            wo = w_out.to(cdt)
+            dy = g @ wo  # (batch, L, E)
+            d_w_out = (g2.t() @ yt.reshape(-1, E)).to(w_out.dtype)
+            d_b_out = g2.float().sum(0).to(b_out.dtype) if b_out is not None else None
+            # Recompute everything before the scan from the saved input.
+            inner = _Inner(xc, E, R, N, ctx.reverse, cdt, w_in, b_in, w_conv, b_conv, w_x,
+                           w_dt, conv_triton, want_xdbl=x_dbl)
+            du, ddelta, dA, dB, dC, dD, dz, dbias, _ = scan_triton._backward(
+                ctx.plan, dy.transpose(1, 2), None, inner.u, inner.delta, A2, inner.Bm,
+                inner.Cm, Df, inner.z, bias, True, None, ckpt, ctx.reverse, None)
+            A = A2 / scan_triton.LOG2E
+            d_A_log = (dA * A).to(A_log.dtype)  # A = -exp(A_log)
+            dd = ddelta.transpose(1, 2)  # (batch, L, E)
+            dt = x_dbl[..., :R]
+            ddt = dd @ w_dt.to(cdt)  # (batch, L, R)
+            d_w_dt = (dd.reshape(-1, E).t() @ dt.reshape(-1, R)).to(w_dt.dtype)
+            d_xdbl = torch.cat([ddt, dB.transpose(1, 2).to(cdt), dC.transpose(1, 2).to(cdt)],
+                               dim=-1)  # (batch, L, R + 2N)
+            ut = inner.u.transpose(1, 2)
+            du_t = du.transpose(1, 2) + d_xdbl @ w_x.to(cdt)  # (batch, L, E)
+            d_w_x = (d_xdbl.reshape(-1, R + 2 * N).t() @ ut.reshape(-1, E)).to(w_x.dtype)
+            wc = w_conv.reshape(E, -1).to(cdt)
+            bc = _cast(b_conv, cdt)
+            dx_in, d_wc, d_bc = conv_triton._backward(du_t.transpose(1, 2), inner.x_in, wc, bc,
+                                                      ctx.reverse)
+            dxz = torch.cat([dx_in.transpose(1, 2), dz.transpose(1, 2)], dim=-1)  # (b, L, 2E)
+            dxz2 = dxz.reshape(-1, 2 * E)
+            dx = dxz @ w_in.to(cdt)
+            d_w_in = (dxz2.t() @ xc.reshape(-1, xc.shape[-1])).to(w_in.dtype)
+            d_b_in = dxz2.float().sum(0).to(b_in.dtype) if b_in is not None else None
+        return (dx.to(ctx.x_dtype), None, None, d_w_in, d_b_in,
+                d_wc.reshape(w_conv.shape).to(w_conv.dtype),
+                None if d_bc is None else d_bc.to(b_conv.dtype), d_w_x, d_w_dt,
+                dbias.to(b_dt.dtype), d_A_log, dD.to(ctx.D_dtype), d_w_out, d_b_out)
+
+
+class _Inner:
+    """The activations between in_proj and the scan, computed (forward) or recomputed
+    (backward) from the mixer's input xc (batch, L, d_model) in the compute dtype."""
+
+    def __init__(self, xc, E, R, N, reverse, cdt, w_in, b_in, w_conv, b_conv, w_x, w_dt,
+                 conv_triton, want_xdbl):
+        xz = F.linear(xc, w_in.to(cdt), _cast(b_in, cdt))  # (batch, L, 2E)
+        self.x_in = xz[..., :E].transpose(1, 2)  # (batch, E, L) channels-last views
+        self.z = xz[..., E:].transpose(1, 2)
+        wc = w_conv.reshape(E, -1).to(cdt)
+        self.u = conv_triton._forward(self.x_in, wc, _cast(b_conv, cdt), reverse)
+        if want_xdbl is None:
+            self.x_dbl = F.linear(self.u.transpose(1, 2), w_x.to(cdt))  # (batch, L, R + 2N)
+        else:
+            self.x_dbl = want_xdbl  # saved by the forward: bit-identical, no GEMM
+        dt = self.x_dbl[..., :R]
+        self.Bm = self.x_dbl[..., R:R + N].transpose(1, 2)
+        self.Cm = self.x_dbl[..., R + N:].transpose(1, 2)
+        self.delta = F.linear(dt, w_dt.to(cdt)).transpose(1, 2)
+
+
+def fused_mixer(mixer, x: Tensor, reverse: bool = False) -> Tensor:
+    """Run ``mixer`` (a :class:`~seqlab.model.mixer.Mixer`) on x (batch, L, d_model) through
+    :class:`FusedMixerFn` (check :func:`fused_mixer_applies` first)."""
+    dims = (mixer.d_inner, mixer.dt_rank, mixer.d_state)
+    return FusedMixerFn.apply(
+        x, bool(reverse), dims, mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight,
+        mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
+        mixer.A_log, mixer.D, mixer.out_proj.weight, mixer.out_proj.bias)
