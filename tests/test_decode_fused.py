@@ -100,6 +100,10 @@ def test_fused_step_is_chosen_only_where_it_applies(monkeypatch):
     monkeypatch.setenv("SEQLAB_LM_STEP", "auto")
     m = _model()
     big = dec.FUSED_MAX_BATCH + 1
+    with torch.no_grad():  # narrow models keep the fused step at any batch
+        m.step(torch.zeros(big, dtype=torch.long, device=DEV), m.allocate_cache(big))
+        assert last_impl("lm_step") == "fused_triton"
+    monkeypatch.setattr(dec, "PER_OP_MIN_D_MODEL", 32)
     with torch.no_grad():
         m.step(torch.zeros(big, dtype=torch.long, device=DEV), m.allocate_cache(big))
         assert last_impl("lm_step") == "per_op"
