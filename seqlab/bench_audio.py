@@ -65,7 +65,6 @@ def bench_train(d_model: int, n_layer: int, batch: int, length: int, steps: int,
     targets = torch.randint(0, 256, (batch, length), generator=g)
     ids = torch.cat([torch.full((batch, 1), 128), targets[:, :-1]], dim=1)
     ids, targets = ids.to(device), targets.to(device)
-    lengths = torch.full((batch,), length, device=device)
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else \
         (lambda: torch.autocast(device.type, enabled=False))
 
@@ -73,7 +72,7 @@ def bench_train(d_model: int, n_layer: int, batch: int, length: int, steps: int,
         opt.zero_grad(set_to_none=True)
         with ctx():
             # The train_audio loss (seqlab.jobs.audio.code_nll) without its config imports.
-            logits = model(ids, lengths=lengths)  # (B, L, V)
+            logits = model(ids)  # (B, L, V); every position is real: no lengths
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         opt.step()
