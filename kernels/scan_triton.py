@@ -742,10 +742,15 @@ def _p2step(mu, dA_acc, s, A2, d, x, Bv, Cv, gy):
 
 
 @triton.jit
-def _store_bc4(base, t, valid, N, offs_n, nmask, v0, v1, v2, v3):
-    """Store 4 steps' (NP,) ∂B or ∂C partials as one (NP, 4) tile into the (L, N) rows."""
-    tl.store(base + t[None, :] * N + offs_n[:, None], _join4(v0, v1, v2, v3),
-             mask=nmask[:, None] & valid[None, :])
+def _store_bc4(base, t, valid, N, offs_n, nmask, v0, v1, v2, v3, ATOMIC: tl.constexpr):
+    """Store 4 steps' (NP,) ∂B or ∂C partials as one (NP, 4) tile into the (L, N) rows, or add
+    them (ATOMIC) into the group's float32 rows that every channel block of the group adds to."""
+    ptrs = base + t[None, :] * N + offs_n[:, None]
+    m = nmask[:, None] & valid[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, _join4(v0, v1, v2, v3), mask=m, sem="relaxed")
+    else:
+        tl.store(ptrs, _join4(v0, v1, v2, v3), mask=m)
 
 
 @triton.jit
@@ -761,7 +766,7 @@ def _bwd_kernel_v5(
     T: tl.constexpr, K: tl.constexpr, HAS_MU: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, ATOMIC_BC: tl.constexpr = False,
 ):
     """v5 gradients: one segment per program (grid = work items, scratch slot = program id).
 
@@ -815,7 +820,10 @@ def _bwd_kernel_v5(
     dz_base = dz_ptr + row * sdz_b + od * sdz_d
     B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
     C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
-    p_off = (row * ndb + pid_d) * L * N
+    if ATOMIC_BC:
+        p_off = (row * (dim // dpg) + grp) * L * N  # (batch, G, L, N), shared by the group
+    else:
+        p_off = (row * ndb + pid_d) * L * N  # (batch, dim / BD, L, N), this block's own
     dB_base = dBp_ptr + p_off
     dC_base = dCp_ptr + p_off
     k0 = s * T
@@ -864,7 +872,7 @@ def _bwd_kernel_v5(
             h, y1, c1 = _p1step(h, A2, d1, x1, B1, C1, g1, HAS_Z)
             h, y2, c2 = _p1step(h, A2, d2, x2, B2, C2, g2, HAS_Z)
             h, y3, c3 = _p1step(h, A2, d3, x3, B3, C3, g3, HAS_Z)
-            _store_bc4(dC_base, t, valid, N, offs_n, nmask, c0, c1, c2, c3)
+            _store_bc4(dC_base, t, valid, N, offs_n, nmask, c0, c1, c2, c3, ATOMIC_BC)
             if HAS_Z:
                 y = _join4(y0, y1, y2, y3) + Dv[:, None] * u
                 dz = g * y * sz * (1.0 + zt * (1.0 - sz))
@@ -900,7 +908,7 @@ def _bwd_kernel_v5(
             mu, dA_acc, l2, e2, b2 = _p2step(mu, dA_acc, s2, A2, d2, x2, B2, C2, g2)
             mu, dA_acc, l1, e1, b1 = _p2step(mu, dA_acc, s1, A2, d1, x1, B1, C1, g1)
             mu, dA_acc, l0, e0, b0 = _p2step(mu, dA_acc, s0, A2, d0, x0, B0, C0, g0)
-            _store_bc4(dB_base, t, valid, N, offs_n, nmask, b0, b1, b2, b3)
+            _store_bc4(dB_base, t, valid, N, offs_n, nmask, b0, b1, b2, b3, ATOMIC_BC)
             lb = _join4(l0, l1, l2, l3)
             ddelta = lb * u + LN2 * _join4(e0, e1, e2, e3)
             if SOFTPLUS:
@@ -981,6 +989,11 @@ class _Plan:
         if self.bwd not in BWD_VARIANTS:
             raise ValueError(f"SEQLAB_SCAN_BWD={self.bwd!r}: expected one of {BWD_VARIANTS}")
         self.maxnreg = _env_int("SEQLAB_SCAN_MAXNREG", V5_MAXNREG)
+        self.dbc = os.environ.get("SEQLAB_SCAN_DBC", "").strip().lower() or "partials"
+        if self.dbc not in ("partials", "atomic"):
+            raise ValueError(f"SEQLAB_SCAN_DBC={self.dbc!r}: expected 'partials' or 'atomic'")
+        if self.dbc == "atomic" and self.bwd != "v5":
+            raise ValueError("SEQLAB_SCAN_DBC=atomic needs the v5 backward (SEQLAB_SCAN_BWD=v5)")
 
     def _segments(self, ppsm: int, n_sm: int) -> tuple[int, int]:
         """(segment length T, count S): enough segments to give every SM about ``ppsm``
@@ -1081,13 +1094,19 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
     du, ddelta = _empty_as(u), _empty_as(delta)
     dz = _empty_as(z) if z is not None else None
     v5 = plan.bwd == "v5"
-    # ∂B/∂C partials per channel block: (batch, blocks, N, L) for v4, (batch, blocks, L, N) v5
+    atomic = v5 and plan.dbc == "atomic"
+    # ∂B/∂C partials per channel block: (batch, blocks, N, L) for v4, (batch, blocks, L, N) v5;
+    # with SEQLAB_SCAN_DBC=atomic (v5) one zeroed float32 (batch, G, L, N) buffer instead.
     pshape = (batch, plan.ndb, L, N) if v5 else (batch, plan.ndb, N, L)
     # bf16 B / C get bf16 partials (each a float32 sum over BD channels, rounded once; torch
     # sums them in float32): half the backward's largest scratch, 2 x 134 MB -> 2 x 67 MB at
     # (8, 2048, 2048). The gradient comes back in bf16 anyway. Other dtypes: float32.
-    dBp = _empty(*pshape, dtype=_partial_dtype(B), device=dev)
-    dCp = _empty(*pshape, dtype=_partial_dtype(C), device=dev)
+    if atomic:
+        dBp = torch.zeros(batch, plan.groups, L, N, dtype=torch.float32, device=dev)
+        dCp = torch.zeros(batch, plan.groups, L, N, dtype=torch.float32, device=dev)
+    else:
+        dBp = _empty(*pshape, dtype=_partial_dtype(B), device=dev)
+        dCp = _empty(*pshape, dtype=_partial_dtype(C), device=dev)
     dAp = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
     dDp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
     dbp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
@@ -1098,6 +1117,7 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
         nprog, kernel, slot = n_work, _bwd_kernel_v5, SUB_K // 4
         if plan.maxnreg:
             flags["maxnreg"] = plan.maxnreg
+        flags["ATOMIC_BC"] = atomic
     else:
         nprog, kernel, slot = min(n_work, 16 * _n_sm(dev)), _bwd_kernel, SUB_K
     scratch = _empty(nprog, slot, BD, NP, dtype=torch.float32, device=dev)
@@ -1109,7 +1129,9 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
         *du.stride(), *ddelta.stride(), *(dz if dz is not None else du).stride(),
         T=T, K=SUB_K, HAS_MU=has_mu, HAS_D=D is not None, **flags)
     G = plan.groups
-    if v5:
+    if atomic:
+        dB, dC = dBp.transpose(-1, -2), dCp.transpose(-1, -2)
+    elif v5:
         dB = dBp.view(batch, G, plan.ndb // G, L, N).sum(2).transpose(-1, -2)
         dC = dCp.view(batch, G, plan.ndb // G, L, N).sum(2).transpose(-1, -2)
     else:

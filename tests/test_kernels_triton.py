@@ -189,6 +189,30 @@ def test_forward_and_backward_segment_independently(ppsm_fwd, ppsm_bwd, cu, bwd,
     check(case, nseq, torch.float32, reverse=cu is not None, cu=cu)
 
 
+ATOMIC_CASES = [c for c in CASES if c.id in (
+    "B2-D8-L40-N4-fp32-all-options", "B1-D8-L150-N16-fp32-groups-reverse-segments",
+    "varlen-len1-len0-N3-fp32-segments", "B1-D8-L70-N16-bf16-channels-last-groups")]
+
+
+@pytest.mark.parametrize("spec,opts", ATOMIC_CASES)
+def test_scan_atomic_dbc_matches_reference(spec, opts, monkeypatch):
+    """SEQLAB_SCAN_DBC=atomic: ∂B/∂C added by every channel block into one float32 buffer per
+    group (less memory than the per-block partials, summation order not fixed)."""
+    monkeypatch.setenv("SEQLAB_SCAN_BWD", "v5")
+    monkeypatch.setenv("SEQLAB_SCAN_DBC", "atomic")
+    spec = dict(spec)
+    case, nseq = make_case(**spec)
+    check(case, nseq, spec["dtype"], cu=spec.get("cu"), **opts)
+
+
+def test_atomic_dbc_needs_v5(monkeypatch):
+    monkeypatch.setenv("SEQLAB_SCAN_BWD", "v4")
+    monkeypatch.setenv("SEQLAB_SCAN_DBC", "atomic")
+    case, _ = make_case(1, 4, 8, 2, torch.float32)
+    with pytest.raises(ValueError, match="SEQLAB_SCAN_DBC"):
+        selective_scan(**case, impl="triton")
+
+
 def test_padded_segment_tail_keeps_state():
     """Output of a 3-segment scan equals the reference's when L is not a segment multiple, also
     through the forward-only path (no gradients) with return_last_state off."""

@@ -345,7 +345,8 @@ def test_triton_conv_path_equals_torch_path(rng_seed, monkeypatch, bidirectional
     from seqlab.kernels import last_impl
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the torch path's F.conv1d
-    kw = dict(d_conv=4, bidirectional=bidirectional)
+    # the module path (the fused mixer, tested in test_fused_mixer.py, bypasses these modules)
+    kw = dict(d_conv=4, bidirectional=bidirectional, fused_mixer=False)
     cls = BiMixer if bidirectional else Mixer
     ref, tri = cls(tiny(**kw)), cls(tiny(**kw, scan_impl="triton"))
     with torch.no_grad():  # a non-trivial conv: the default init is small
