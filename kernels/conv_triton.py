@@ -243,11 +243,13 @@ def _forward(x: Tensor, w: Tensor, bias: Tensor | None, reverse: bool) -> Tensor
     return out
 
 
-def _backward(g: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, reverse: bool):
+def _backward(g: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, reverse: bool,
+              dx_out: Tensor | None = None):
+    """(dx, dw, db); ``dx_out`` (x's shape and dtype, any strides) receives dx if given."""
     batch, E, L = x.shape
     K = w.shape[1]
     acc, acc_t = _acc_dtype(x)
-    dx = _channels_last(batch, E, L, x)
+    dx = dx_out if dx_out is not None else _channels_last(batch, E, L, x)
     tiles = min(BWD_TILES, triton.cdiv(L, BWD_BL))
     nchunks = triton.cdiv(L, BWD_BL * tiles)
     dwp = _empty(batch, nchunks, K, E, dtype=acc_t, device=x.device)
@@ -313,6 +315,74 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     if x.numel() == 0:
         raise ValueError(f"causal_conv1d_silu: length 0 is not supported (x {tuple(x.shape)})")
     return _CausalConv1dSiluFn.apply(x, w, bias, bool(reverse))
+
+
+# --------------------------------------------------------------------------- decoding
+@triton.jit
+def _conv_update_kernel(x_ptr, s_ptr, w_ptr, b_ptr, out_ptr, E,
+                        s_xb, s_xe, s_sb, s_se, s_sk, s_we, s_wk, s_ob, s_oe,
+                        K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SILU: tl.constexpr, BE: tl.constexpr):
+    """One decoding step for BE channels of one row: state <- [state[1:], x] (in place) and
+    out = silu(bias + <state, w>) (the conv output at the new position)."""
+    pid_e = tl.program_id(0)
+    pb = tl.program_id(1).to(tl.int64)
+    offs_e = pid_e * BE + tl.arange(0, BE)
+    emask = offs_e < E
+    offs_k = tl.arange(0, KP)
+    kmask = offs_k < K
+    m = emask[:, None] & kmask[None, :]
+    sp = s_ptr + pb * s_sb + offs_e[:, None] * s_se
+    # new state: column k is the old column k + 1, the last column is x
+    old = tl.load(sp + (offs_k[None, :] + 1) * s_sk, mask=m & (offs_k[None, :] + 1 < K),
+                  other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pb * s_xb + offs_e * s_xe, mask=emask, other=0.0).to(tl.float32)
+    new = tl.where(offs_k[None, :] == K - 1, x[:, None], old)
+    w = tl.load(w_ptr + offs_e[:, None] * s_we + offs_k[None, :] * s_wk, mask=m,
+                other=0.0).to(tl.float32)
+    acc = tl.sum(new * w, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_e, mask=emask, other=0.0).to(tl.float32)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.debug_barrier()  # every thread has read the old state before any overwrites it
+    tl.store(sp + offs_k[None, :] * s_sk, new.to(s_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + pb * s_ob + offs_e * s_oe, acc.to(out_ptr.dtype.element_ty), mask=emask)
+
+
+UPDATE_BE = 128
+
+
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
+                         bias: Tensor | None = None, silu: bool = True) -> Tensor:
+    """One decoding step of the causal conv: ``conv_state`` (batch, E, K) is shifted left by
+    one position with x (batch, E) appended, in place, and the output at the new position,
+    silu(bias + sum_k state[:, :, k] * weight[:, k]) (batch, E), is returned in x's dtype.
+
+    Equals ``Mixer.step``'s roll + write + multiply + sum + bias + SiLU (one launch instead
+    of six); the parameters are rounded to x's dtype first, as there. weight (E, K) or
+    (E, 1, K), K <= 4 not required (any K up to 64)."""
+    if x.dim() != 2:
+        raise ValueError(f"causal_conv1d_update: x needs shape (batch, E), got {tuple(x.shape)}")
+    batch, E = x.shape
+    if conv_state.dim() != 3 or tuple(conv_state.shape[:2]) != (batch, E):
+        raise ValueError(f"causal_conv1d_update: conv_state needs shape ({batch}, {E}, K), "
+                         f"got {tuple(conv_state.shape)}")
+    K = conv_state.shape[2]
+    w = weight.reshape(E, -1) if weight.dim() == 3 else weight
+    if tuple(w.shape) != (E, K) or K > 64:
+        raise ValueError(f"causal_conv1d_update: weight needs shape ({E}, {K}) (K <= 64), got "
+                         f"{tuple(weight.shape)}")
+    w = w.to(x.dtype)
+    b = bias.to(x.dtype) if bias is not None else None
+    out = _empty(batch, E, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(E, UPDATE_BE), batch)
+    _conv_update_kernel[grid](
+        x, conv_state, w, b if b is not None else w, out, E,
+        *x.stride(), *conv_state.stride(), *w.stride(), *out.stride(),
+        K=K, KP=triton.next_power_of_2(K), HAS_BIAS=b is not None, SILU=bool(silu),
+        BE=UPDATE_BE, num_warps=4)
+    return out
 
 
 # --------------------------------------------------------------------------- benchmark

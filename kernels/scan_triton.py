@@ -1063,7 +1063,10 @@ def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, re
 
 
 def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softplus, h0,
-              ckpt, reverse, cu):
+              ckpt, reverse, cu, dz_out=None):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, dbias, dinit); ``dz_out`` (z's shape and
+    dtype, any strides) receives dz instead of a new buffer (the fused mixer passes half of
+    the in_proj gradient buffer, which saves concatenating later)."""
     batch, dim, L = u.shape
     N, S, T, nseq, BD, NP = plan.N, plan.Sb, plan.Tb, plan.nseq, plan.BD, plan.NP
     dev = u.device
@@ -1092,7 +1095,7 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
             dim * N, N, HAS_INIT=dlast is not None, BACKWARD=True, BLK=BLK)
         smu, has_mu = muend.stride(), True
     du, ddelta = _empty_as(u), _empty_as(delta)
-    dz = _empty_as(z) if z is not None else None
+    dz = None if z is None else (dz_out if dz_out is not None else _empty_as(z))
     v5 = plan.bwd == "v5"
     atomic = v5 and plan.dbc == "atomic"
     # ∂B/∂C partials per channel block: (batch, blocks, N, L) for v4, (batch, blocks, L, N) v5;

@@ -162,3 +162,37 @@ def test_gpu_mixer_under_bf16_autocast(reverse):
     errs = {n: rel_err(a, b) for n, a, b in zip(names, *res)}
     bad = {n: e for n, e in errs.items() if not e <= 3e-2}
     assert not bad, f"errors over 3e-2: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("dtype,K,bias", [(torch.float32, 4, True), (torch.bfloat16, 4, True),
+                                          (torch.float32, 3, False), (torch.float32, 1, True)])
+def test_conv_update_equals_torch_step(dtype, K, bias):
+    """causal_conv1d_update: the in-place state shift and the SiLU output equal the torch
+    step (roll, write, multiply-sum, bias, SiLU), over several steps, and stepping through a
+    sequence reproduces the full causal conv."""
+    from seqlab.kernels.conv_triton import causal_conv1d_update
+    batch, E, L = 3, 150, 6  # E spans two channel blocks of 128, the last one ragged
+    x = torch.randn(batch, E, L, device=DEV).to(dtype)
+    w = torch.randn(E, 1, K, device=DEV)
+    b = torch.randn(E, device=DEV) if bias else None
+    state = torch.randn(batch, E, K, device=DEV).to(dtype)
+    ref_state = state.clone()
+    full = causal_conv1d_silu_reference(torch.cat([state[..., 1:], x], -1).double(),
+                                        w.double(), None if b is None else b.double())
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    for t in range(L):
+        u = causal_conv1d_update(x[..., t], state, w, b)
+        ref_state = torch.cat([ref_state[..., 1:], x[..., t:t + 1]], -1)
+        assert torch.equal(state, ref_state)
+        want = full[..., K - 1 + t]
+        assert u.dtype == dtype and u.shape == (batch, E)
+        err = ((u.double() - want).norm() / want.norm()).item()
+        assert err < tol, (t, err)
+
+
+def test_conv_update_rejects_bad_shapes():
+    from seqlab.kernels.conv_triton import causal_conv1d_update
+    with pytest.raises(ValueError, match="conv_state"):
+        causal_conv1d_update(torch.zeros(2, 8), torch.zeros(2, 7, 4), torch.zeros(8, 4))
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv1d_update(torch.zeros(2, 8), torch.zeros(2, 8, 4), torch.zeros(8, 3))

@@ -86,15 +86,18 @@ def fused_add_norm(norm: nn.Module, config: MambaConfig, hidden: Tensor, residua
                         residual_dtype=residual_dtype)
 
 
-def _block_dtypes(hidden: Tensor, residual: Tensor | None, fp32_residual: bool):
+def _block_dtypes(hidden: Tensor, residual: Tensor | None, fp32_residual: bool,
+                  norm_dtype: torch.dtype):
     """(normed dtype, residual dtype) of the unfused path: the residual in float32 by option
     (else the promoted dtype of the sum); the normed activations in the autocast dtype when
-    autocast is on (what the next matmul would cast them to), else the residual's."""
+    autocast is on (what the next matmul would cast them to), else the norm's dtype. (The
+    unfused path rounds the residual to the norm's dtype before normalising; the kernel
+    normalises the residual as stored.)"""
     res = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
     if fp32_residual:
         res = torch.float32
     dev = hidden.device.type
-    out = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else res
+    out = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else norm_dtype
     return out, res
 
 
@@ -127,10 +130,9 @@ class Block(nn.Module):
     def forward(self, hidden: Tensor, residual: Tensor | None = None, cache=None,
                 lengths: Tensor | None = None, cu_seqlens: Tensor | None = None):
         """hidden, residual (batch, L, d_model) -> (mixer output, new residual)."""
-        fused = None
-        if self._norm_dtype() == torch.float32:
-            fused = fused_add_norm(self.norm, self.config, hidden, residual,
-                                   *_block_dtypes(hidden, residual, self.residual_in_fp32))
+        fused = fused_add_norm(self.norm, self.config, hidden, residual,
+                               *_block_dtypes(hidden, residual, self.residual_in_fp32,
+                                              self._norm_dtype()))
         if fused is not None:
             hidden, residual = fused
         else:
@@ -155,10 +157,16 @@ class Block(nn.Module):
         if not isinstance(self.mixer, Mixer):
             raise ValueError("Block.step: only causal, non-RC models decode step by step "
                              "(config.bidirectional and config.rc_equivariant must be False)")
-        residual = hidden if residual is None else residual + hidden
-        hidden = self.norm(residual.to(self._norm_dtype()))
-        if self.residual_in_fp32:
-            residual = residual.float()
+        fused = fused_add_norm(self.norm, self.config, hidden, residual,
+                               *_block_dtypes(hidden, residual, self.residual_in_fp32,
+                                              self._norm_dtype()))
+        if fused is not None:  # one kernel instead of the add, cast and norm ops
+            hidden, residual = fused
+        else:
+            residual = hidden if residual is None else residual + hidden
+            hidden = self.norm(residual.to(self._norm_dtype()))
+            if self.residual_in_fp32:
+                residual = residual.float()
         return self.mixer.step(hidden, cache), residual
 
 
@@ -201,9 +209,12 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, cache=None if cache is None else cache[i],
                                      lengths=lengths, cu_seqlens=cu_seqlens)
-        if self._out_dtype() == torch.float32 and residual is not None:
-            fused = fused_add_norm(self.norm_f, self.config, hidden, residual, torch.float32,
-                                   torch.float32)
+        return self._final_norm(hidden, residual)
+
+    def _final_norm(self, hidden: Tensor, residual: Tensor | None) -> Tensor:
+        if residual is not None:
+            fused = fused_add_norm(self.norm_f, self.config, hidden, residual, self._out_dtype(),
+                                   torch.promote_types(hidden.dtype, residual.dtype))
             if fused is not None:
                 return fused[0]
         residual = residual + hidden if residual is not None else hidden
@@ -235,8 +246,7 @@ class Backbone(nn.Module):
         residual = None
         for layer, c in zip(self.layers, cache):
             hidden, residual = layer.step(hidden, residual, c)
-        residual = residual + hidden if residual is not None else hidden
-        return self.norm_f(residual.to(self._out_dtype()))
+        return self._final_norm(hidden, residual)
 
 
 def make_lm_head(config: MambaConfig, backbone: "Backbone", device=None, dtype=None) -> nn.Module:

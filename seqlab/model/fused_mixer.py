@@ -97,9 +97,14 @@ class FusedMixerFn(torch.autograd.Function):
             # Recompute everything before the scan from the saved input.
             inner = _Inner(xc, E, R, N, ctx.reverse, cdt, w_in, b_in, w_conv, b_conv, w_x,
                            w_dt, conv_triton, want_xdbl=x_dbl)
-            du, ddelta, dA, dB, dC, dD, dz, dbias, _ = scan_triton._backward(
+            # ∂x_in and ∂z are written straight into the halves of one (batch, L, 2E) buffer:
+            # in_proj's backward reads it without a concatenation.
+            bsz, L = xc.shape[0], xc.shape[1]
+            dxz = torch.empty(bsz, L, 2 * E, dtype=cdt, device=xc.device)
+            du, ddelta, dA, dB, dC, dD, _, dbias, _ = scan_triton._backward(
                 ctx.plan, dy.transpose(1, 2), None, inner.u, inner.delta, A2, inner.Bm,
-                inner.Cm, Df, inner.z, bias, True, None, ckpt, ctx.reverse, None)
+                inner.Cm, Df, inner.z, bias, True, None, ckpt, ctx.reverse, None,
+                dz_out=dxz[..., E:].transpose(1, 2))
             A = A2 / scan_triton.LOG2E
             d_A_log = (dA * A).to(A_log.dtype)  # A = -exp(A_log)
             dd = ddelta.transpose(1, 2)  # (batch, L, E)
@@ -109,14 +114,16 @@ class FusedMixerFn(torch.autograd.Function):
             d_xdbl = torch.cat([ddt, dB.transpose(1, 2).to(cdt), dC.transpose(1, 2).to(cdt)],
                                dim=-1)  # (batch, L, R + 2N)
             ut = inner.u.transpose(1, 2)
-            du_t = du.transpose(1, 2) + d_xdbl @ w_x.to(cdt)  # (batch, L, E)
+            du_t = du.transpose(1, 2)  # (batch, L, E), a dense buffer the scan allocated
+            # du += d_xdbl @ W_x in one GEMM (no separate elementwise add)
+            du_t.view(-1, E).addmm_(d_xdbl.reshape(-1, R + 2 * N), w_x.to(cdt))
             d_w_x = (d_xdbl.reshape(-1, R + 2 * N).t() @ ut.reshape(-1, E)).to(w_x.dtype)
             wc = w_conv.reshape(E, -1).to(cdt)
             bc = _cast(b_conv, cdt)
-            dx_in, d_wc, d_bc = conv_triton._backward(du_t.transpose(1, 2), inner.x_in, wc, bc,
-                                                      ctx.reverse)
-            dxz = torch.cat([dx_in.transpose(1, 2), dz.transpose(1, 2)], dim=-1)  # (b, L, 2E)
-            dxz2 = dxz.reshape(-1, 2 * E)
+            _, d_wc, d_bc = conv_triton._backward(du_t.transpose(1, 2), inner.x_in, wc, bc,
+                                                  ctx.reverse,
+                                                  dx_out=dxz[..., :E].transpose(1, 2))
+            dxz2 = dxz.view(-1, 2 * E)
             dx = dxz @ w_in.to(cdt)
             d_w_in = (dxz2.t() @ xc.reshape(-1, xc.shape[-1])).to(w_in.dtype)
             d_b_in = dxz2.float().sum(0).to(b_in.dtype) if b_in is not None else None

@@ -253,12 +253,17 @@ class Mixer(nn.Module):
         conv_state, ssm_state = cache
         xz = self.in_proj(x_t)  # (batch, 2E)
         x_in, z = xz.chunk(2, dim=-1)
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[:, :, -1] = x_in.to(conv_state.dtype)
-        u = (conv_state.to(x_in.dtype) * self.conv1d.weight[:, 0, :]).sum(-1)  # (batch, E)
-        if self.conv1d.bias is not None:
-            u = u + self.conv1d.bias
-        u = F.silu(u)
+        if resolve_impl(self.config.scan_impl, x_t.device, "causal_conv1d") == "triton":
+            from seqlab.kernels.conv_triton import causal_conv1d_update
+            # shift + write + conv + bias + SiLU in one launch (float32 inside)
+            u = causal_conv1d_update(x_in, conv_state, self.conv1d.weight, self.conv1d.bias)
+        else:
+            conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+            conv_state[:, :, -1] = x_in.to(conv_state.dtype)
+            u = (conv_state.to(x_in.dtype) * self.conv1d.weight[:, 0, :]).sum(-1)  # (batch, E)
+            if self.conv1d.bias is not None:
+                u = u + self.conv1d.bias
+            u = F.silu(u)
         A = -torch.exp(self.A_log.float())
         if self.selective:
             dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
