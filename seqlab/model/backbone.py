@@ -130,16 +130,7 @@ class Block(nn.Module):
     def forward(self, hidden: Tensor, residual: Tensor | None = None, cache=None,
                 lengths: Tensor | None = None, cu_seqlens: Tensor | None = None):
         """hidden, residual (batch, L, d_model) -> (mixer output, new residual)."""
-        fused = fused_add_norm(self.norm, self.config, hidden, residual,
-                               *_block_dtypes(hidden, residual, self.residual_in_fp32,
-                                              self._norm_dtype()))
-        if fused is not None:
-            hidden, residual = fused
-        else:
-            residual = hidden if residual is None else residual + hidden
-            hidden = self.norm(residual.to(self._norm_dtype()))
-            if self.residual_in_fp32:
-                residual = residual.float()
+        hidden, residual = self._add_norm(hidden, residual)
         kw = {}
         if lengths is not None:
             kw["lengths"] = lengths
@@ -152,21 +143,26 @@ class Block(nn.Module):
     def _norm_dtype(self) -> torch.dtype:
         return next(self.norm.parameters()).dtype
 
+    def _add_norm(self, hidden: Tensor, residual: Tensor | None):
+        """(normed, new residual): one Triton kernel where it applies, else the add, the cast
+        and the norm module."""
+        fused = fused_add_norm(self.norm, self.config, hidden, residual,
+                               *_block_dtypes(hidden, residual, self.residual_in_fp32,
+                                              self._norm_dtype()))
+        if fused is not None:
+            return fused
+        residual = hidden if residual is None else residual + hidden
+        hidden = self.norm(residual.to(self._norm_dtype()))
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return hidden, residual
+
     def step(self, hidden: Tensor, residual: Tensor | None, cache):
         """One token: hidden, residual (batch, d_model) -> (mixer output, new residual)."""
         if not isinstance(self.mixer, Mixer):
             raise ValueError("Block.step: only causal, non-RC models decode step by step "
                              "(config.bidirectional and config.rc_equivariant must be False)")
-        fused = fused_add_norm(self.norm, self.config, hidden, residual,
-                               *_block_dtypes(hidden, residual, self.residual_in_fp32,
-                                              self._norm_dtype()))
-        if fused is not None:  # one kernel instead of the add, cast and norm ops
-            hidden, residual = fused
-        else:
-            residual = hidden if residual is None else residual + hidden
-            hidden = self.norm(residual.to(self._norm_dtype()))
-            if self.residual_in_fp32:
-                residual = residual.float()
+        hidden, residual = self._add_norm(hidden, residual)
         return self.mixer.step(hidden, cache), residual
 
 
