@@ -19,8 +19,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _run(model, ids, fused: bool, autocast: bool):
-    model.config.fused_mixer = fused  # the blocks and mixers share the config object
-    model.config.fused_add_norm = fused
+    for m in model.modules():  # RC models give their mixers a config of half the width
+        cfg = getattr(m, "config", None)
+        if cfg is not None:
+            cfg.fused_mixer = cfg.fused_add_norm = fused
     model.zero_grad(set_to_none=True)
     with torch.autocast(DEV, dtype=torch.bfloat16, enabled=autocast):
         logits = model(ids)
@@ -32,14 +34,17 @@ def _run(model, ids, fused: bool, autocast: bool):
                          if p.grad is not None}
 
 
-@pytest.mark.parametrize("bidirectional,bias,autocast", [
-    (False, True, False),   # causal, in/out_proj biases, float32
-    (True, False, False),   # BiMixer: forward + reverse direction, tied projections
-    (False, False, True),   # bf16 autocast
-], ids=["causal-bias-fp32", "bidirectional-fp32", "causal-bf16-autocast"])
-def test_fused_mixer_matches_modules(bidirectional, bias, autocast, rng_seed):
+@pytest.mark.parametrize("bidirectional,bias,autocast,extra", [
+    (False, True, False, {}),   # causal, in/out_proj biases, float32
+    (True, False, False, {}),   # BiMixer: forward + reverse direction, tied projections
+    (False, False, True, {}),   # bf16 autocast
+    (True, False, False, dict(rc_equivariant=True, d_conv=3, dt_rank=3,
+                              tie_bidirectional_projections=False)),
+], ids=["causal-bias-fp32", "bidirectional-fp32", "causal-bf16-autocast",
+        "rc-bidirectional-untied-k3"])
+def test_fused_mixer_matches_modules(bidirectional, bias, autocast, extra, rng_seed):
     cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=16, d_state=4, scan_impl="triton",
-                      bidirectional=bidirectional, bias=bias)
+                      bidirectional=bidirectional, bias=bias, **extra)
     model = MambaLM(cfg, device=DEV)
     ids = torch.randint(0, 16, (2, 37), device=DEV)
     loss_f, g_f = _run(model, ids, True, autocast)
