@@ -399,3 +399,29 @@ def test_rmsnorm_function_matches_plain_ops_and_gradcheck():
     rdx, rdw = torch.autograd.grad(ref, (xf, norm.weight), g)
     torch.testing.assert_close(dx, rdx)
     torch.testing.assert_close(dw, rdw)
+
+
+def test_step_constants_follow_parameter_updates():
+    """Mixer.step caches -exp(A_log), D and the Δ bias; an in-place update of any of them (an
+    optimizer step, load_state_dict) must be seen by the next step."""
+    torch.manual_seed(0)
+    m = Mixer(tiny())
+    with torch.no_grad():
+        cache = m.allocate_cache(2)
+        x = torch.randn(2, m.d_model)
+        m.step(x, cache)
+        A0, D0, b0 = m._step_constants()
+        assert A0 is m._step_constants()[0]  # cached between steps
+        m.A_log.add_(0.5)
+        m.D.mul_(2.0)
+        m.dt_proj.bias.sub_(1.0)
+        A1, D1, b1 = m._step_constants()
+        torch.testing.assert_close(A1, -torch.exp(m.A_log.float()))
+        torch.testing.assert_close(D1, m.D.float())
+        torch.testing.assert_close(b1, m.dt_proj.bias.float())
+        assert not torch.equal(A0, A1)
+        # the step itself uses the updated values: equal to an uncached module's step
+        fresh = Mixer(tiny())
+        fresh.load_state_dict(m.state_dict())
+        c1, c2 = m.allocate_cache(2), fresh.allocate_cache(2)
+        torch.testing.assert_close(m.step(x, c1), fresh.step(x, c2))

@@ -245,6 +245,21 @@ class Mixer(nn.Module):
         ssm = torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32)
         return conv, ssm
 
+    def _step_constants(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A = -exp(A_log), D and the Δ bias in float32 for :meth:`step`. Without autograd they
+        are cached and recomputed only when a parameter moved or changed (in-place updates bump
+        its version counter), so a decoding step (or a captured CUDA graph of steps) does not
+        relaunch them."""
+        bias = self.dt_proj.bias if self.selective else self.dt_bias
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float()), self.D.float(), bias.float()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in (self.A_log, self.D, bias))
+        cached = self.__dict__.get("_step_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, -torch.exp(self.A_log.float()), self.D.float(), bias.float())
+            self.__dict__["_step_cache"] = cached
+        return cached[1], cached[2], cached[3]
+
     def step(self, x_t: Tensor, cache: tuple[Tensor, Tensor]) -> Tensor:
         """One token: x_t (batch, d_model) -> (batch, d_model); updates the cache in place.
 
@@ -264,17 +279,15 @@ class Mixer(nn.Module):
             if self.conv1d.bias is not None:
                 u = u + self.conv1d.bias
             u = F.silu(u)
-        A = -torch.exp(self.A_log.float())
+        A, D, dt_bias = self._step_constants()
         if self.selective:
             dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             dt = F.linear(dt, self.dt_proj.weight)  # (batch, E)
-            dt_bias = self.dt_proj.bias.float()
         else:
             batch = u.shape[0]
             dt = u.new_zeros(batch, self.d_inner)
             Bm = self.B_lti.to(u.dtype)[None].expand(batch, -1, -1)  # (batch, E groups, N)
             Cm = self.C_lti.to(u.dtype)[None].expand(batch, -1, -1)
-            dt_bias = self.dt_bias.float()
-        y = selective_state_update(ssm_state, u, dt, A, Bm, Cm, self.D.float(), z,
+        y = selective_state_update(ssm_state, u, dt, A, Bm, Cm, D, z,
                                    dt_bias=dt_bias, dt_softplus=True, impl=self.config.scan_impl)
         return self.out_proj(y)
