@@ -49,8 +49,8 @@ class BiMixer(nn.Module):
         if fused_mixer_applies(self.mamba_fwd, x, cache, lengths, cu_seqlens, reverse=True):
             # Each direction recomputes its in_proj in its own backward; with tied projections
             # that is one extra (cheap) GEMM per direction instead of keeping xz alive.
-            out_f = fused_mixer(self.mamba_fwd, x)
-            out_r = fused_mixer(self.mamba_rev, x, reverse=True)
+            out_f = fused_mixer(self.mamba_fwd, x, lengths=lengths)
+            out_r = fused_mixer(self.mamba_rev, x, reverse=True, lengths=lengths)
             return out_f + out_r if self.strategy == "add" else out_f * out_r
         xz_f = self.mamba_fwd.in_proj(x)
         # Tied projections: one in_proj matmul serves both directions.

@@ -11,7 +11,8 @@ thin GEMM: a few per cent of a layer's time) and runs the Triton kernels' backwa
 Numerics equal the module path under autocast: the matrix products take the autocast dtype
 (or the weights' dtype without autocast), the scan and conv kernels are the same, the
 gradients of the weights come back in the parameters' dtypes. Used by :class:`Mixer` when
-``config.fused_mixer`` is on and the input is plain (no cache, no lengths, no packing), the
+``config.fused_mixer`` is on and the input is not packed and has no cache (right padding by
+``lengths`` is masked as in the module path), the
 model is selective, the conv is at most 4 wide and the scan resolves to Triton (the default
 on CUDA); ``seqlab.kernels.last_impl("mixer")`` reports "fused" or "modules".
 """
@@ -26,14 +27,11 @@ Tensor = torch.Tensor
 
 
 def fused_mixer_applies(mixer, x: Tensor, cache, lengths, cu_seqlens, reverse=False) -> bool:
-    """Whether :func:`fused_mixer` can run this call. Right padding (``lengths``) is allowed
-    in the causal direction only: there a real position never sees a later (padded) one, so
-    the module path's zeroing of padded inputs changes nothing at real positions (outputs at
-    padded positions are not defined); the reverse direction starts at the padding and needs
-    the mask."""
+    """Whether :func:`fused_mixer` can run this call (right padding through ``lengths`` is
+    handled as the module path does: padded inputs of the conv and the scan are zeroed)."""
     cfg = mixer.config
     ok = (getattr(cfg, "fused_mixer", False) and mixer.selective and cache is None
-          and (lengths is None or not reverse) and cu_seqlens is None and mixer.d_conv <= 4
+          and cu_seqlens is None and mixer.d_conv <= 4
           and torch.is_grad_enabled()
           and kernel_api.resolve_impl(cfg.scan_impl, x.device, op="mixer") == "triton")
     kernel_api._last_impl["mixer"] = "fused" if ok else "modules"
@@ -55,15 +53,19 @@ class FusedMixerFn(torch.autograd.Function):
     """(x (batch, L, d_model), the mixer's parameters) -> out (batch, L, d_model)."""
 
     @staticmethod
-    def forward(ctx, x, reverse, dims, w_in, b_in, w_conv, b_conv, w_x, w_dt, b_dt, A_log, D,
-                w_out, b_out):
+    def forward(ctx, x, reverse, dims, lengths, w_in, b_in, w_conv, b_conv, w_x, w_dt, b_dt,
+                A_log, D, w_out, b_out):
         from seqlab.kernels import conv_triton, scan_triton
         E, R, N = dims
         cdt = _compute_dtype(x, w_in)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(cdt)
+            mask = None
+            if lengths is not None:  # (batch, 1, L): 1 on real positions, 0 on right padding
+                from .mixer import length_mask
+                mask = length_mask(lengths, x.shape[1])[:, None, :].to(cdt)
             inner = _Inner(xc, E, R, N, reverse, cdt, w_in, b_in, w_conv, b_conv, w_x, w_dt,
-                           conv_triton, want_xdbl=None)
+                           conv_triton, want_xdbl=None, mask=mask)
             A = -torch.exp(A_log.float())
             plan = scan_triton._Plan(inner.u, A, inner.Bm, None)
             A2 = (A * scan_triton.LOG2E).contiguous()
@@ -74,7 +76,7 @@ class FusedMixerFn(torch.autograd.Function):
                                               reverse, None)
             out = F.linear(y.transpose(1, 2), w_out.to(cdt), _cast(b_out, cdt))
         ctx.save_for_backward(xc, inner.x_dbl, y, ckpt, A2, Df, bias, w_in, b_in, w_conv,
-                              b_conv, w_x, w_dt, b_dt, A_log, w_out, b_out)
+                              b_conv, w_x, w_dt, b_dt, A_log, w_out, b_out, mask)
         ctx.plan, ctx.reverse, ctx.dims, ctx.cdt, ctx.x_dtype = plan, reverse, dims, cdt, x.dtype
         ctx.D_dtype = D.dtype
         return out.to(cdt)
@@ -83,7 +85,7 @@ class FusedMixerFn(torch.autograd.Function):
     def backward(ctx, g):
         from seqlab.kernels import conv_triton, scan_triton
         (xc, x_dbl, y, ckpt, A2, Df, bias, w_in, b_in, w_conv, b_conv, w_x, w_dt, b_dt, A_log,
-         w_out, b_out) = ctx.saved_tensors
+         w_out, b_out, mask) = ctx.saved_tensors
         E, R, N = ctx.dims
         cdt = ctx.cdt
         with torch.autocast(g.device.type, enabled=False):
@@ -96,7 +98,7 @@ class FusedMixerFn(torch.autograd.Function):
             d_b_out = g2.float().sum(0).to(b_out.dtype) if b_out is not None else None
             # Recompute everything before the scan from the saved input.
             inner = _Inner(xc, E, R, N, ctx.reverse, cdt, w_in, b_in, w_conv, b_conv, w_x,
-                           w_dt, conv_triton, want_xdbl=x_dbl)
+                           w_dt, conv_triton, want_xdbl=x_dbl, mask=mask)
             # ∂x_in and ∂z are written straight into the halves of one (batch, L, 2E) buffer:
             # in_proj's backward reads it without a concatenation.
             bsz, L = xc.shape[0], xc.shape[1]
@@ -117,17 +119,21 @@ class FusedMixerFn(torch.autograd.Function):
             du_t = du.transpose(1, 2)  # (batch, L, E), a dense buffer the scan allocated
             # du += d_xdbl @ W_x in one GEMM (no separate elementwise add)
             du_t.view(-1, E).addmm_(d_xdbl.reshape(-1, R + 2 * N), w_x.to(cdt))
+            if mask is not None:
+                du_t.mul_(mask.transpose(1, 2))  # u = silu(conv) * mask
             d_w_x = (d_xdbl.reshape(-1, R + 2 * N).t() @ ut.reshape(-1, E)).to(w_x.dtype)
             wc = w_conv.reshape(E, -1).to(cdt)
             bc = _cast(b_conv, cdt)
             _, d_wc, d_bc = conv_triton._backward(du_t.transpose(1, 2), inner.x_in, wc, bc,
                                                   ctx.reverse,
                                                   dx_out=dxz[..., :E].transpose(1, 2))
+            if mask is not None:
+                dxz[..., :E].mul_(mask.transpose(1, 2))  # the conv read x_in * mask
             dxz2 = dxz.view(-1, 2 * E)
             dx = dxz @ w_in.to(cdt)
             d_w_in = (dxz2.t() @ xc.reshape(-1, xc.shape[-1])).to(w_in.dtype)
             d_b_in = dxz2.float().sum(0).to(b_in.dtype) if b_in is not None else None
-        return (dx.to(ctx.x_dtype), None, None, d_w_in, d_b_in,
+        return (dx.to(ctx.x_dtype), None, None, None, d_w_in, d_b_in,
                 d_wc.reshape(w_conv.shape).to(w_conv.dtype),
                 None if d_bc is None else d_bc.to(b_conv.dtype), d_w_x, d_w_dt,
                 dbias.to(b_dt.dtype), d_A_log, dD.to(ctx.D_dtype), d_w_out, d_b_out)
@@ -138,12 +144,18 @@ class _Inner:
     (backward) from the mixer's input xc (batch, L, d_model) in the compute dtype."""
 
     def __init__(self, xc, E, R, N, reverse, cdt, w_in, b_in, w_conv, b_conv, w_x, w_dt,
-                 conv_triton, want_xdbl):
+                 conv_triton, want_xdbl, mask=None):
         xz = F.linear(xc, w_in.to(cdt), _cast(b_in, cdt))  # (batch, L, 2E)
         self.x_in = xz[..., :E].transpose(1, 2)  # (batch, E, L) channels-last views
         self.z = xz[..., E:].transpose(1, 2)
+        if mask is not None:
+            # as Mixer.mix: zero padded inputs of the conv and of the scan, so nothing leaks
+            # into real positions in either direction (the products stay channels-last)
+            self.x_in = self.x_in * mask
         wc = w_conv.reshape(E, -1).to(cdt)
         self.u = conv_triton._forward(self.x_in, wc, _cast(b_conv, cdt), reverse)
+        if mask is not None:
+            self.u = self.u * mask
         if want_xdbl is None:
             self.x_dbl = F.linear(self.u.transpose(1, 2), w_x.to(cdt))  # (batch, L, R + 2N)
         else:
@@ -154,11 +166,12 @@ class _Inner:
         self.delta = F.linear(dt, w_dt.to(cdt)).transpose(1, 2)
 
 
-def fused_mixer(mixer, x: Tensor, reverse: bool = False) -> Tensor:
+def fused_mixer(mixer, x: Tensor, reverse: bool = False, lengths: Tensor | None = None) -> Tensor:
     """Run ``mixer`` (a :class:`~seqlab.model.mixer.Mixer`) on x (batch, L, d_model) through
-    :class:`FusedMixerFn` (check :func:`fused_mixer_applies` first)."""
+    :class:`FusedMixerFn` (check :func:`fused_mixer_applies` first); ``lengths`` (batch,) for
+    right-padded batches."""
     dims = (mixer.d_inner, mixer.dt_rank, mixer.d_state)
     return FusedMixerFn.apply(
-        x, bool(reverse), dims, mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight,
-        mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
+        x, bool(reverse), dims, lengths, mixer.in_proj.weight, mixer.in_proj.bias,
+        mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
         mixer.A_log, mixer.D, mixer.out_proj.weight, mixer.out_proj.bias)

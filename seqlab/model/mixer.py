@@ -182,7 +182,7 @@ class Mixer(nn.Module):
         """
         from .fused_mixer import fused_mixer, fused_mixer_applies
         if fused_mixer_applies(self, x, cache, lengths, cu_seqlens, reverse):
-            return fused_mixer(self, x, reverse)
+            return fused_mixer(self, x, reverse, lengths)
         return self.mix(self.in_proj(x), cache, lengths, cu_seqlens, reverse, self.out_proj)
 
     def mix(self, xz: Tensor, cache=None, lengths=None, cu_seqlens=None, reverse=False,
