@@ -24,15 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .model import MambaConfig, MambaLM
-from .utils import emit_report, fmt_num, met_mark
+from .utils import emit_report, fmt_num, met_mark, sync_device
 
 PEERS = {"gen_b1": 3495.0, "gen_b64": 108967.0}
 TARGETS = {"gen_b1": 16000.0, "gen_b64": 108967.0}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(d_model: int, n_layer: int, device: torch.device, dtype: torch.dtype,
@@ -48,10 +43,10 @@ def bench_generate(model: MambaLM, batch: int, new_tokens: int, device: torch.de
     from .generation import generate
     prompt = torch.full((batch, 1), 128, dtype=torch.long, device=device)
     generate(model, prompt, min(new_tokens, 64), seed=0, cuda_graph=cuda_graph)  # warm-up
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     generate(model, prompt, new_tokens, seed=0, cuda_graph=cuda_graph)
-    _sync(device)
+    sync_device(device)
     return batch * new_tokens / (time.perf_counter() - t0)
 
 
@@ -81,11 +76,11 @@ def bench_train(d_model: int, n_layer: int, batch: int, length: int, steps: int,
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync_device(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
     return batch * length * steps / dt, peak

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import MambaConfig, MambaLM
-from .utils import emit_report, fmt_num, met_mark
+from .utils import emit_report, fmt_num, met_mark, sync_device
 
 # mamba_ssm 2.3.2 on one H200, from shared/anchors/h200-mamba_ssm-2.3.2-model.json.
 PEERS = {
@@ -40,11 +40,6 @@ PEERS = {
 }
 TARGETS = {"train_130m": 183697.6, "train_caduceus": 357926.8, "decode_130m_b1_cg1": 1250.0,
            "decode_130m_b64_cg1": 40033.3}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def lm_130m(quick: bool, fused: bool = True) -> MambaConfig:
@@ -80,14 +75,14 @@ def bench_train(cfg: MambaConfig, batch: int, length: int, steps: int, device, p
 
     for _ in range(2):
         step()
-    _sync(device)
+    sync_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else math.nan
@@ -115,10 +110,10 @@ def bench_decode(cfg: MambaConfig, batch: int, new_tokens: int, device, cuda_gra
     prompt = torch.randint(0, cfg.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     generate(model, prompt, min(new_tokens, 32), top_k=1, cuda_graph=cuda_graph)  # warm-up
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     generate(model, prompt, new_tokens, top_k=1, cuda_graph=cuda_graph)
-    _sync(device)
+    sync_device(device)
     dt = time.perf_counter() - t0
     if profile and device.type == "cuda" and not cuda_graph:
         cache = model.allocate_cache(batch, dtype)

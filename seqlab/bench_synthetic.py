@@ -47,7 +47,8 @@ from .data.synthetic import SyntheticTask, make_task
 from .model import MambaConfig, MambaLM
 from .model.backbone import param_groups
 from .synthetic_eval import evaluate_task
-from .utils import atomic_write_json, emit_report, fmt_num, resolve_device, seed_everything
+from .utils import (atomic_write_json, cosine_lr, emit_report, fmt_num, resolve_device,
+                    seed_everything, sync_device)
 
 # Per-task defaults: the paper's data settings; the optimiser settings of recipes/synthetic_*.yaml
 # (measured there at shorter lengths on the recipes' smaller-state model).
@@ -115,14 +116,7 @@ def lr_at(step: int, elapsed: float, args) -> float:
                                                                    - args.warmup_steps))
     if args.minutes:
         progress = max(progress, elapsed / (args.minutes * 60))
-    progress = min(1.0, max(0.0, progress))
-    r = args.min_lr_ratio
-    return args.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return cosine_lr(args.lr, args.min_lr_ratio, progress)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -224,7 +218,7 @@ def run(args) -> dict:
     eval_seconds = 0.0
     last_eval: dict | None = None
     model.train()
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
 
     def evaluate(step: int) -> dict:
@@ -234,7 +228,7 @@ def run(args) -> dict:
         with torch.no_grad(), _autocast(device, bf16):
             r = evaluate_task(model, eval_task, args.eval_samples, args.eval_batch_size, device)
         model.train()
-        _sync(device)
+        sync_device(device)
         eval_seconds += time.perf_counter() - te
         return r
 
@@ -280,7 +274,7 @@ def run(args) -> dict:
             if do_eval:
                 msg += f"  | held-out acc {point['acc']:.4f}  all-correct {point['seq_acc']:.4f}"
             print(msg, flush=True)
-    _sync(device)
+    sync_device(device)
     if win_n:  # steps since the last print
         last_loss = win_loss.item() / win_n
         last_train_acc = win_acc.item() / win_n
@@ -316,7 +310,7 @@ def run(args) -> dict:
             with torch.no_grad(), _autocast(device, bf16):
                 r = evaluate_task(model, gen, n, max(1, min(args.extrapolate_batch_size, n)),
                                   device, chunk=args.chunk)
-            _sync(device)
+            sync_device(device)
             rec.update(acc=r["acc"], seq_acc=r["seq_acc"])
         except torch.cuda.OutOfMemoryError as exc:  # report it, keep the other lengths
             rec.update(acc=None, seq_acc=None, error=f"out of memory: {exc}".splitlines()[0])

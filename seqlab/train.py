@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -30,7 +29,8 @@ from tqdm.auto import tqdm
 
 from . import distributed as D
 from .model.backbone import param_groups
-from .utils import atomic_directory, atomic_write_json, atomic_write_text, resolve_device
+from .utils import (atomic_directory, atomic_write_json, atomic_write_text, cosine_lr,
+                    resolve_device)
 
 log = logging.getLogger("seqlab.train")
 
@@ -192,8 +192,7 @@ def lr_at(step: int, cfg: TrainerConfig) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.max_steps - cfg.warmup_steps)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cosine_lr(cfg.lr, cfg.min_lr_ratio, (step - cfg.warmup_steps) / span)
 
 
 # ----------------------------------------------------------------------------- trainer

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -11,6 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU. For wall-clock timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cosine_lr(lr: float, min_lr_ratio: float, progress: float) -> float:
+    """Cosine decay from lr (progress 0) to lr * min_lr_ratio (progress >= 1)."""
+    p = min(1.0, max(0.0, progress))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
