@@ -2,8 +2,9 @@
 (seqlab.model.fused_mixer) and the Triton residual add + RMSNorm (config.fused_add_norm).
 
 Both run the same Triton scan and conv kernels (through the interpreter without a GPU), so
-losses and gradients must agree to float32 rounding (bf16 autocast: to bf16 rounding of the
-recomputed activations); and the fused path must keep less for the backward.
+losses and gradients must agree to float32 rounding (under bf16 autocast each path is held
+against the float32 one: the two round in different places); and the fused path must keep less
+for the backward.
 """
 from __future__ import annotations
 
@@ -50,12 +51,27 @@ def test_fused_mixer_matches_modules(bidirectional, bias, autocast, extra, rng_s
     loss_f, g_f = _run(model, ids, True, autocast)
     loss_m, g_m = _run(model, ids, False, autocast)
     assert set(g_f) == set(g_m) and len(g_m) == sum(1 for _ in model.parameters())
-    tol = 3e-2 if autocast else 1e-5
-    assert abs(loss_f - loss_m) <= tol * max(1.0, abs(loss_m))
-    errs = {n: ((g_f[n] - g_m[n]).norm() / g_m[n].norm().clamp_min(1e-12)).item() for n in g_m}
     assert all(torch.isfinite(g).all() for g in g_f.values())
-    bad = {n: e for n, e in errs.items() if not e <= tol}
-    assert not bad, f"gradients differ beyond {tol}: {bad}"
+    if not autocast:  # same float32 math in another order
+        assert abs(loss_f - loss_m) <= 1e-5 * max(1.0, abs(loss_m))
+        errs = _rel_errs(g_f, g_m)
+        bad = {n: e for n, e in errs.items() if not e <= 1e-5}
+        assert not bad, f"gradients differ beyond 1e-5: {bad}"
+        return
+    # bf16: both paths round differently (the fused one keeps x_proj's output in bf16 and
+    # recomputes the rest), so each is held against the float32 module path: within 8% in
+    # every parameter (a wrong gradient is off by O(1)), and at most 3x the module path's own
+    # bf16 error + 1% (12 seeds: fused 1.4-4.3%, modules 1.2-2.8%, ratio <= 2.0).
+    loss_32, g_32 = _run(model, ids, False, False)
+    assert abs(loss_f - loss_32) <= 3e-2 * max(1.0, abs(loss_32))
+    errs_f, errs_m = _rel_errs(g_f, g_32), _rel_errs(g_m, g_32)
+    bad = {n: (round(errs_f[n], 4), round(errs_m[n], 4)) for n in g_32
+           if not (errs_f[n] <= 0.08 and errs_f[n] <= 3 * errs_m[n] + 0.01)}
+    assert not bad, f"bf16 gradient errors vs float32, (fused, modules): {bad}"
+
+
+def _rel_errs(g, ref):
+    return {n: ((g[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)).item() for n in ref}
 
 
 def test_fused_mixer_saves_less():
