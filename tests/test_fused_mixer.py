@@ -2,7 +2,7 @@
 (seqlab.model.fused_mixer) and the Triton residual add + RMSNorm (config.fused_add_norm).
 
 Both run the same Triton scan and conv kernels (through the interpreter without a GPU), so
-losses and gradients must agree to float32 rounding (under bf16 autocast each path is held
+logits and gradients must agree to float32 rounding (under bf16 autocast each path is held
 against the float32 one: the two round in different places); and the fused path must keep less
 for the backward.
 """
@@ -31,7 +31,7 @@ def _run(model, ids, fused: bool, autocast: bool):
     loss = (logits.float() * w).sum()
     loss.backward()
     assert last_impl("mixer") == ("fused" if fused else "modules")
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+    return logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()
                          if p.grad is not None}
 
 
@@ -48,12 +48,12 @@ def test_fused_mixer_matches_modules(bidirectional, bias, autocast, extra, rng_s
                       bidirectional=bidirectional, bias=bias, **extra)
     model = MambaLM(cfg, device=DEV)
     ids = torch.randint(0, 16, (2, 37), device=DEV)
-    loss_f, g_f = _run(model, ids, True, autocast)
-    loss_m, g_m = _run(model, ids, False, autocast)
+    out_f, g_f = _run(model, ids, True, autocast)
+    out_m, g_m = _run(model, ids, False, autocast)
     assert set(g_f) == set(g_m) and len(g_m) == sum(1 for _ in model.parameters())
     assert all(torch.isfinite(g).all() for g in g_f.values())
     if not autocast:  # same float32 math in another order
-        assert abs(loss_f - loss_m) <= 1e-5 * max(1.0, abs(loss_m))
+        torch.testing.assert_close(out_f, out_m, rtol=1e-5, atol=1e-5)
         errs = _rel_errs(g_f, g_m)
         bad = {n: e for n, e in errs.items() if not e <= 1e-5}
         assert not bad, f"gradients differ beyond 1e-5: {bad}"
@@ -62,8 +62,9 @@ def test_fused_mixer_matches_modules(bidirectional, bias, autocast, extra, rng_s
     # recomputes the rest), so each is held against the float32 module path: within 8% in
     # every parameter (a wrong gradient is off by O(1)), and at most 3x the module path's own
     # bf16 error + 1% (12 seeds: fused 1.4-4.3%, modules 1.2-2.8%, ratio <= 2.0).
-    loss_32, g_32 = _run(model, ids, False, False)
-    assert abs(loss_f - loss_32) <= 3e-2 * max(1.0, abs(loss_32))
+    out_32, g_32 = _run(model, ids, False, False)
+    for out in (out_f, out_m):
+        assert ((out - out_32).norm() / out_32.norm()).item() <= 3e-2  # seen: 0.7-1.1%
     errs_f, errs_m = _rel_errs(g_f, g_32), _rel_errs(g_m, g_32)
     bad = {n: (round(errs_f[n], 4), round(errs_m[n], 4)) for n in g_32
            if not (errs_f[n] <= 0.08 and errs_f[n] <= 3 * errs_m[n] + 0.01)}
