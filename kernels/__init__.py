@@ -1,7 +1,9 @@
-"""seqlab.kernels: the selective scan (S6) of Mamba, in three explicitly chosen implementations.
+"""seqlab.kernels: the selective scan (S6) of Mamba, in four explicitly chosen implementations.
 
 - ``reference``: sequential loop in plain torch (float64-capable), the spec.
-- ``torch``: chunked scan with a hand-written backward, the default on CPU.
+- ``numba``: the scan as compiled CPU loops (state in registers, checkpointed backward), the
+  default on CPU when numba is installed.
+- ``torch``: chunked scan in pure PyTorch with a hand-written backward (the CPU fallback).
 - ``triton``: fused forward/backward kernels and a decode-step kernel, the default on CUDA.
 
 Also the Triton depthwise causal conv1d + SiLU of the Mamba mixer, ``causal_conv1d_silu``
@@ -10,8 +12,8 @@ Also the Triton depthwise causal conv1d + SiLU of the Mamba mixer, ``causal_conv
 ``add_rms_norm`` from :mod:`.norm_triton`; imported on first use so that importing
 seqlab.kernels does not import triton.
 """
-from .api import (IMPLS, last_impl, resolve_impl, selective_scan, selective_state_update,
-                  triton_available)
+from .api import (IMPLS, last_impl, numba_available, resolve_impl, selective_scan,
+                  selective_state_update, triton_available)
 from .reference import selective_scan_reference, selective_state_update_reference
 
 _LAZY = {"causal_conv1d_silu": "conv_triton", "causal_conv1d_silu_reference": "conv_triton",
@@ -32,6 +34,7 @@ __all__ = [
     "add_rms_norm",
     "IMPLS",
     "last_impl",
+    "numba_available",
     "resolve_impl",
     "selective_scan",
     "selective_state_update",

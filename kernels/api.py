@@ -1,7 +1,8 @@
 """Public entry points of seqlab.kernels: argument checks and explicit choice of implementation.
 
-``impl`` is one of "auto", "triton", "torch", "reference". "auto" means triton for CUDA tensors
-and torch otherwise. The choice is never silent: every resolution is logged at DEBUG level on
+``impl`` is one of "auto", "triton", "numba", "torch", "reference". "auto" means triton for
+CUDA tensors; on the CPU the scan takes numba (compiled loops) when the numba package imports
+and torch (pure PyTorch) otherwise, and the other ops take their torch forms. The choice is never silent: every resolution is logged at DEBUG level on
 the ``seqlab.kernels`` logger and :func:`last_impl` returns the implementation that ran last.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .reference import selective_scan_reference, selective_state_update_referenc
 Tensor = torch.Tensor
 log = logging.getLogger("seqlab.kernels")
 
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "triton", "numba", "torch", "reference")
 _FLOAT_IO = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _last_impl: dict[str, str] = {}
 
@@ -36,12 +37,28 @@ def triton_available() -> bool:
     return True
 
 
+def numba_available() -> bool:
+    """True when the numba package imports (the compiled CPU scan, impl="numba")."""
+    from .scan_numba import numba_available as ok
+    return ok()
+
+
 def resolve_impl(impl: str, device: torch.device, op: str = "selective_scan") -> str:
     """Map ``impl`` (possibly "auto") to a concrete implementation for tensors on ``device``."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            impl = "triton"
+        else:
+            impl = "numba" if op == "selective_scan" and numba_available() else "torch"
+    if impl == "numba":
+        if device.type != "cpu":
+            raise RuntimeError(f"{op}: impl='numba' runs on the CPU, got tensors on {device}; "
+                               "use impl='triton' (or 'auto') for CUDA tensors")
+        if not numba_available():
+            raise RuntimeError(f"{op}: impl='numba' needs the numba package (pip install "
+                               "numba); impl='torch' runs without it")
     if impl == "triton":
         if not triton_available():
             raise RuntimeError(
@@ -108,8 +125,8 @@ def selective_scan(
     """Selective scan (Mamba's S6), semantics of mamba_ssm's ``selective_scan_fn`` for real A.
 
     Args:
-        u, delta: (batch, dim, L) float32/float16/bfloat16 (float64 for the torch and
-            reference paths). Any strides.
+        u, delta: (batch, dim, L) float32/float16/bfloat16 (float64 for the numba, torch
+            and reference paths). Any strides.
         A: (dim, N) float32, negative real parts.
         B, C: (batch, N, L) or grouped (batch, G, N, L), channel d uses group d // (dim // G).
         D, delta_bias: (dim,) float32 or None.
@@ -123,7 +140,7 @@ def selective_scan(
             own bounds with cu_seqlens).
         cu_seqlens: (nseq + 1,) int32/int64 cumulative lengths, starting at 0 and ending at L,
             for sequences packed along L with batch 1; the state restarts at each boundary.
-        impl: "auto" | "triton" | "torch" | "reference".
+        impl: "auto" | "triton" | "numba" | "torch" | "reference".
 
     Returns:
         out (batch, dim, L) in u's dtype, or (out, last_state) if return_last_state.
@@ -171,6 +188,9 @@ def selective_scan(
     if which == "torch":
         from .scan_torch import selective_scan_torch
         return selective_scan_torch(*args)
+    if which == "numba":
+        from .scan_numba import selective_scan_numba
+        return selective_scan_numba(*args)
     from .scan_triton import selective_scan_triton
     return selective_scan_triton(*args)
 
@@ -183,7 +203,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
         state: (batch, dim, N) float32, updated in place to h_t.
         x, dt: (batch, dim); z: (batch, dim) or None.
         A: (dim, N) float32; B, C: (batch, N) or (batch, G, N); D, dt_bias: (dim,) or None.
-        impl: "auto" | "triton" | "torch" | "reference" ("torch" is the reference math).
+        impl: "auto" | "triton" | "numba" | "torch" | "reference" (all but "triton" run the
+            reference math: one step is (batch, dim, N) elementwise work).
 
     Returns:
         y (batch, dim) in x's dtype: equal to one position of :func:`selective_scan`.
@@ -210,7 +231,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     if z is not None:
         _check_tensor(op, "z", z, shape=(batch, dim), dtypes=_FLOAT_IO, device=dev)
     which = resolve_impl(impl, dev, op)
-    if which in ("reference", "torch"):
+    if which in ("reference", "torch", "numba"):
         return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias,
                                                 dt_softplus)
     from .step_triton import selective_state_update_triton

@@ -5,7 +5,9 @@ Run:  python -m seqlab.kernels.bench [--device cuda|cpu] [--json PATH] [--quick]
 CUDA mode times forward and forward+backward (median of CUDA-event timings through
 triton.testing.do_bench) at the anchor shapes with bf16 u/delta/z/B/C, float32 A (dim, 16),
 D, delta_bias, softplus, z, variable B/C (batch, 16, L); then the one-token decode step.
-CPU mode times the torch path against the sequential reference at (2, 256, 1024, N 16).
+CPU mode times the numba and torch paths (median, forward GB/s, forward+backward) at a layer of
+(2, 256, 1024, N 16) and at the synthetic-task training shape (64, 128, 256, N 16), and the
+sequential reference once.
 
 Peer figures: /work/shared/anchors/h200-mamba_ssm-2.3.2.json (read from ``../shared/anchors``
 beside the repository root, or ``shared/anchors`` inside it); the numbers are also embedded
@@ -178,39 +180,69 @@ def bench_cuda(impls, quick, rep):
                 peer_source=src, scan=rows, step=steps)
 
 
-def bench_cpu(quick):
-    b, d, L = (2, 256, 256) if quick else (2, 256, 1024)
-    ins = make_inputs(b, d, L, "cpu", dtype=torch.float32)
-    res = dict(shape=f"b{b}_d{d}_l{L}_n{DSTATE}", threads=torch.get_num_threads())
-    impls = available_impls(["torch"])
-    gout = torch.randn(b, d, L)
-    for impl in impls:
-        f = scan_fn(impl)
-        grad_in = [t.requires_grad_(True) for t in ins]
-        with torch.no_grad():
-            f(*ins)
-            ts = []
-            for _ in range(3):
+CPU_SHAPES = [("layer", 2, 256, 1024), ("synthetic", 64, 128, 256)]
+
+
+def _io_bytes(ins, out) -> int:
+    """Bytes a scan must move at least: its (batch, dim, L) and (batch, N, L) inputs and out."""
+    return sum(t.numel() * t.element_size() for t in ins if t.dim() == 3) + out.numel() * 4
+
+
+def bench_cpu(quick, impls=("numba", "torch")):
+    """Median of 5 (3 with --quick) wall-clock timings per implementation on this CPU's threads,
+    float32; the reference (a Python loop over L) timed once, forward only, at the first shape."""
+    impls = [i for i in impls if i in ("numba", "torch")]
+    if "numba" in impls:
+        from .scan_numba import numba_available
+        if not numba_available():
+            print("# numba not importable; its rows are skipped")
+            impls.remove("numba")
+    shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
+    reps = 3 if quick else 5
+    res = dict(threads=torch.get_num_threads(), rows=[])
+    for name, b, d, L in shapes:
+        if quick:
+            L = min(L, 256)
+        ins = make_inputs(b, d, L, "cpu", dtype=torch.float32)
+        gout = torch.randn(b, d, L)
+        for impl in impls:
+            f = scan_fn(impl)
+            grad_in = [t.requires_grad_(True) for t in ins]
+            torch.autograd.grad(f(*ins), grad_in, gout)  # compiles (numba) / warms up
+            ts, fb = [], []
+            for _ in range(reps):
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    out = f(*ins)
+                    ts.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                f(*ins)
-                ts.append(time.perf_counter() - t0)
-        fb = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            torch.autograd.grad(f(*ins), grad_in, gout)
-            fb.append(time.perf_counter() - t0)
-        res[impl] = dict(fwd_s=sorted(ts)[1], fwd_bwd_s=sorted(fb)[1])
-    # The reference loops over t in Python (~58 s forward+backward at full size): forward once.
+                torch.autograd.grad(f(*ins), grad_in, gout)
+                fb.append(time.perf_counter() - t0)
+            fwd = sorted(ts)[reps // 2]
+            res["rows"].append(dict(shape=f"{name}_b{b}_d{d}_l{L}_n{DSTATE}", impl=impl,
+                                    fwd_s=fwd, fwd_bwd_s=sorted(fb)[reps // 2],
+                                    fwd_gbps=_io_bytes(ins, out) / fwd / 1e9))
+    ref_shape = shapes[0]
+    ins = make_inputs(*ref_shape[1:], "cpu", dtype=torch.float32)
+    if quick:
+        ins = make_inputs(ref_shape[1], ref_shape[2], min(ref_shape[3], 256), "cpu",
+                          dtype=torch.float32)
     with torch.no_grad():
         t0 = time.perf_counter()
-        scan_fn("reference")(*[t.detach() for t in ins])
-        res["reference"] = dict(fwd_s=time.perf_counter() - t0, fwd_bwd_s=None)
-    print(f"# CPU {res['shape']} on {res['threads']} threads; reference timed once, forward only")
-    print(f"{'impl':10s} {'fwd s':>8s} {'fwd+bwd s':>10s}")
-    for impl in impls + ["reference"]:
-        r = res[impl]
-        fbs = f"{r['fwd_bwd_s']:.3f}" if r["fwd_bwd_s"] is not None else "-"
-        print(f"{impl:10s} {r['fwd_s']:8.3f} {fbs:>10s}")
+        scan_fn("reference")(*ins)
+        res["reference_fwd_s"] = time.perf_counter() - t0
+    base = {r["shape"]: r for r in res["rows"] if r["impl"] == "torch"}
+    print(f"# CPU, {res['threads']} threads, float32, dstate {DSTATE}, softplus, D, z, bias; "
+          f"median of {reps}; 'x torch' = pure-PyTorch time / this time")
+    print(f"{'shape':34s} {'impl':6s} {'fwd s':>8s} {'fwd GB/s':>9s} {'fwd+bwd s':>10s} "
+          f"{'x torch':>8s}")
+    for r in res["rows"]:
+        t = base.get(r["shape"])
+        ratio = f"{t['fwd_bwd_s'] / r['fwd_bwd_s']:.2f}" if t else "-"
+        print(f"{r['shape']:34s} {r['impl']:6s} {r['fwd_s']:8.3f} {r['fwd_gbps']:9.2f} "
+              f"{r['fwd_bwd_s']:10.3f} {ratio:>8s}")
+    print(f"# reference (Python loop over L) at {ref_shape[0]}: forward "
+          f"{res['reference_fwd_s']:.3f} s")
     return res
 
 
@@ -220,16 +252,18 @@ def main(argv=None):
                     default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="first shape only, short timing")
-    ap.add_argument("--impls", default="triton,torch,mamba_ssm",
-                    help="comma-separated scan implementations (CUDA mode)")
+    ap.add_argument("--impls", default=None,
+                    help="comma-separated scan implementations (default: triton,torch,mamba_ssm "
+                         "on CUDA; numba,torch on the CPU)")
     args = ap.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("bench: --device cuda but torch sees no CUDA device; use --device cpu")
-        res = bench_cuda(available_impls(args.impls.split(",")), args.quick,
+        impls = (args.impls or "triton,torch,mamba_ssm").split(",")
+        res = bench_cuda(available_impls(impls), args.quick,
                          rep=20 if args.quick else 200)
     else:
-        res = bench_cpu(args.quick)
+        res = bench_cpu(args.quick, (args.impls or "numba,torch").split(","))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
 

@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--no-selective", action="store_true",
                    help="MambaConfig(selective=False): Δ, B, C input-independent, the LTI "
                         "(S4D-style) ablation")
-    g.add_argument("--scan-impl", default="auto", choices=["auto", "triton", "torch", "reference"],
+    g.add_argument("--scan-impl", default="auto", choices=["auto", "triton", "numba", "torch", "reference"],
                    help="selective-scan implementation; auto = Triton on CUDA, torch on CPU")
     g = p.add_argument_group("training")
     g.add_argument("--minutes", type=float, default=None,

@@ -101,15 +101,22 @@ def test_unknown_impl_raises():
         selective_scan(**inputs(), impl="cuda")
 
 
-def test_auto_on_cpu_is_torch_and_is_logged(caplog):
+@pytest.mark.parametrize("with_numba", [True, False], ids=["numba-installed", "no-numba"])
+def test_auto_on_cpu_is_logged(caplog, monkeypatch, with_numba):
+    """auto on the CPU: the compiled scan when numba imports, the pure-PyTorch one otherwise."""
+    import seqlab.kernels.api as api
+    if with_numba and not api.numba_available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(api, "numba_available", lambda: with_numba)
     x = inputs()
     selective_scan(**x, impl="reference")
     assert last_impl() == "reference"
     with caplog.at_level(logging.DEBUG, logger="seqlab.kernels"):
         out, last = selective_scan(**x)  # auto
-    assert last_impl() == "torch"
+    want = "numba" if with_numba else "torch"
+    assert last_impl() == want
     lines = [r.getMessage() for r in caplog.records if r.name == "seqlab.kernels"]
-    assert "selective_scan: using impl=torch on cpu" in lines
+    assert f"selective_scan: using impl={want} on cpu" in lines
     ref_out, ref_last = selective_scan(**x, impl="reference")
     assert last_impl() == "reference"
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
@@ -146,7 +153,7 @@ def test_last_impl_per_op():
                            torch.randn(2, 4), torch.randn(2, 4), impl="reference")
     assert last_impl("selective_scan") == "torch"
     assert last_impl("selective_state_update") == "reference"
-    assert set(K.IMPLS) == {"auto", "triton", "torch", "reference"}
+    assert set(K.IMPLS) == {"auto", "triton", "numba", "torch", "reference"}
 
 
 # --------------------------------------------------------------------------- decode step

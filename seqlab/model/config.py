@@ -50,7 +50,8 @@ class MambaConfig:
     # Reverse-complement equivariance for DNA (Caduceus-PS style parameter sharing).
     rc_equivariant: bool = False
 
-    # Which selective-scan implementation the mixers call ("auto" | "triton" | "torch" | "reference").
+    # Which selective-scan implementation the mixers call ("auto" | "triton" | "numba" | "torch" |
+    # "reference"); "auto": triton on CUDA, numba on the CPU (torch without numba).
     scan_impl: str = "auto"
     # Training: run each mixer as one autograd function that keeps only its input, x_proj's
     # output and the scan output, recomputing in_proj, the conv and Δ in the backward
