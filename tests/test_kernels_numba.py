@@ -18,9 +18,8 @@ from numba import njit  # noqa: E402
 from seqlab.kernels import last_impl, selective_scan  # noqa: E402
 from seqlab.kernels import scan_numba  # noqa: E402
 from seqlab.kernels.scan_numba import CKPT, selective_scan_numba  # noqa: E402
-from seqlab.kernels.reference import selective_scan_reference  # noqa: E402
-from test_kernels_torch import (BASE, BF16, CASES, F32, F64, NAMES, TOL, Case,  # noqa: E402
-                                make_inputs, rel_err, run)
+from test_kernels_torch import (BASE, BF16, CASES, F32, F64, NAMES, Case,  # noqa: E402
+                                check_against_reference, make_inputs, rel_err, run)
 
 
 @njit
@@ -29,32 +28,8 @@ def _exp_all(x, out):
         out[i] = scan_numba._exp_nonpos(x[i], scan_numba._P2, True)
 
 
-def _numba(*args, chunk=None, seg=None):  # the torch path's tuning knobs do not apply
-    return selective_scan_numba(*args)
-
-
 def check(c: Case, dt_scale=1.0):
-    x = make_inputs(c, dt_scale)
-    nseq = c.batch if c.cu is None else len(c.cu) - 1
-    g_out = torch.randn(c.batch, c.dim, c.L, dtype=F64)
-    g_last = torch.randn(nseq, c.dim, c.N, dtype=F64)
-    x64 = {k: None if v is None else v.to(F64) for k, v in x.items()}
-    ref_out, ref_last, ref_g = run(selective_scan_reference, x64, c, g_out, g_last)
-    out, last, g = run(_numba, x, c, g_out, g_last)
-    tol = TOL[c.dtype]
-    assert out.dtype == c.dtype and out.shape == ref_out.shape
-    errs = {"out": rel_err(out, ref_out)}
-    if c.last:
-        assert last.dtype == (F64 if c.dtype == F64 else F32)
-        assert last.shape == (nseq, c.dim, c.N)
-        errs["last_state"] = rel_err(last, ref_last)
-    for k in NAMES:
-        if x[k] is None:
-            continue
-        assert g[k] is not None and g[k].dtype == x[k].dtype and g[k].shape == x[k].shape, k
-        errs["d" + k] = rel_err(g[k], ref_g[k])
-    bad = {k: e for k, e in errs.items() if not e <= tol}
-    assert not bad, f"relative errors above {tol}: {bad}"
+    check_against_reference(c, dt_scale, scan=selective_scan_numba)
 
 
 LONG = [  # several checkpoint chunks, a partial last one, packed sequences across chunks
@@ -107,7 +82,7 @@ def test_matches_torch_path_at_model_shape(rng_seed):
     x = make_inputs(c)
     g_out = torch.randn(c.batch, c.dim, c.L, dtype=F64)
     g_last = torch.randn(c.batch, c.dim, c.N, dtype=F64)
-    o1, l1, g1 = run(_numba, x, c, g_out, g_last)
+    o1, l1, g1 = run(selective_scan_numba, x, c, g_out, g_last)
     from seqlab.kernels.scan_torch import selective_scan_torch
     o2, l2, g2 = run(selective_scan_torch, x, c, g_out, g_last)
     assert rel_err(o1, o2.to(F64)) < 3e-6 and rel_err(l1, l2.to(F64)) < 3e-6

@@ -106,14 +106,19 @@ def rel_err(x, ref):
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check_against_reference(c: Case, dt_scale=1.0):
+def check_against_reference(c: Case, dt_scale=1.0, scan=None):
+    """``scan`` (default: selective_scan_torch at the case's chunk/seg) against the float64
+    reference: outputs, last states and every input's gradient within TOL[c.dtype]."""
     x = make_inputs(c, dt_scale)
     nseq = c.batch if c.cu is None else len(c.cu) - 1
     g_out = torch.randn(c.batch, c.dim, c.L, dtype=F64)
     g_last = torch.randn(nseq, c.dim, c.N, dtype=F64)
     x64 = {k: None if v is None else v.to(F64) for k, v in x.items()}
     ref_out, ref_last, ref_g = run(selective_scan_reference, x64, c, g_out, g_last)
-    out, last, g = run(selective_scan_torch, x, c, g_out, g_last, chunk=c.chunk, seg=c.seg)
+    if scan is None:
+        out, last, g = run(selective_scan_torch, x, c, g_out, g_last, chunk=c.chunk, seg=c.seg)
+    else:
+        out, last, g = run(scan, x, c, g_out, g_last)
     tol = TOL[c.dtype]
     assert out.dtype == c.dtype and out.shape == ref_out.shape
     errs = {"out": rel_err(out, ref_out)}
