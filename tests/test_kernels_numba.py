@@ -123,3 +123,18 @@ def test_cuda_tensors_are_refused():
     from seqlab.kernels import resolve_impl
     with pytest.raises(RuntimeError, match="impl='numba' runs on the CPU"):
         resolve_impl("numba", torch.device("cuda"))
+
+
+def test_cpu_benchmark_quick_runs(capsys, tmp_path):
+    """`python -m seqlab.kernels.bench --device cpu --quick`: a row per implementation with
+    positive timings in the JSON, and the table printed."""
+    import json
+
+    from seqlab.kernels.bench import main
+    main(["--device", "cpu", "--quick", "--json", str(tmp_path / "cpu.json")])
+    res = json.loads((tmp_path / "cpu.json").read_text())
+    assert sorted(r["impl"] for r in res["rows"]) == ["numba", "torch"]
+    assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 and r["fwd_gbps"] > 0 for r in res["rows"])
+    out = capsys.readouterr().out
+    assert sum(line.startswith("layer_") for line in out.splitlines()) == 2
+    assert "reference (Python loop over L)" in out
