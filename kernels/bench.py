@@ -223,10 +223,8 @@ def bench_cpu(quick, impls=("numba", "torch")):
                                     fwd_s=fwd, fwd_bwd_s=sorted(fb)[reps // 2],
                                     fwd_gbps=_io_bytes(ins, out) / fwd / 1e9))
     ref_shape = shapes[0]
-    ins = make_inputs(*ref_shape[1:], "cpu", dtype=torch.float32)
-    if quick:
-        ins = make_inputs(ref_shape[1], ref_shape[2], min(ref_shape[3], 256), "cpu",
-                          dtype=torch.float32)
+    b, d, L = ref_shape[1:]
+    ins = make_inputs(b, d, min(L, 256) if quick else L, "cpu", dtype=torch.float32)
     with torch.no_grad():
         t0 = time.perf_counter()
         scan_fn("reference")(*ins)

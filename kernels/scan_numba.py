@@ -257,9 +257,6 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if numba is None:
         raise RuntimeError("selective_scan: impl='numba' needs the numba package "
                            "(pip install numba); impl='torch' runs without it")
-    if u.device.type != "cpu":
-        raise ValueError(f"selective_scan: impl='numba' got tensors on {u.device}; it runs on "
-                         "the CPU (impl='triton' is the CUDA path)")
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     batch, dim, L = u.shape
     meta = _Meta(batch, L, cu_seqlens, reverse)

@@ -11,14 +11,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from numba import njit  # a dependency of seqlab: a missing numba fails here, not skips
 
-pytest.importorskip("numba")
-from numba import njit  # noqa: E402
-
-from seqlab.kernels import last_impl, selective_scan  # noqa: E402
-from seqlab.kernels import scan_numba  # noqa: E402
-from seqlab.kernels.scan_numba import CKPT, selective_scan_numba  # noqa: E402
-from test_kernels_torch import (BASE, BF16, CASES, F32, F64, NAMES, Case,  # noqa: E402
+from seqlab.kernels import last_impl, scan_numba, selective_scan
+from seqlab.kernels.scan_numba import CKPT, selective_scan_numba
+from test_kernels_torch import (BASE, BF16, CASES, F32, F64, NAMES, Case,
                                 check_against_reference, make_inputs, rel_err, run)
 
 

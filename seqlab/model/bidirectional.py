@@ -46,7 +46,7 @@ class BiMixer(nn.Module):
             raise ValueError("BiMixer: a bidirectional layer has no step-by-step inference; "
                              "the reverse direction needs the whole sequence")
         from .fused_mixer import fused_mixer, fused_mixer_applies
-        if fused_mixer_applies(self.mamba_fwd, x, cache, lengths, cu_seqlens, reverse=True):
+        if fused_mixer_applies(self.mamba_fwd, x, cache, cu_seqlens):
             # Each direction recomputes its in_proj in its own backward; with tied projections
             # that is one extra (cheap) GEMM per direction instead of keeping xz alive.
             out_f = fused_mixer(self.mamba_fwd, x, lengths=lengths)

@@ -12,9 +12,8 @@ Numerics equal the module path under autocast: the matrix products take the auto
 (or the weights' dtype without autocast), the scan and conv kernels are the same, the
 gradients of the weights come back in the parameters' dtypes. Used by :class:`Mixer` when
 ``config.fused_mixer`` is on and the input is not packed and has no cache (right padding by
-``lengths`` is masked as in the module path), the
-model is selective, the conv is at most 4 wide and the scan resolves to Triton (the default
-on CUDA); ``seqlab.kernels.last_impl("mixer")`` reports "fused" or "modules".
+``lengths`` is masked as in the module path), the model is selective, the conv is at most 4
+wide and the scan resolves to Triton (the default on CUDA); ``seqlab.kernels.last_impl("mixer")`` reports "fused" or "modules".
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from seqlab.kernels import api as kernel_api
 Tensor = torch.Tensor
 
 
-def fused_mixer_applies(mixer, x: Tensor, cache, lengths, cu_seqlens, reverse=False) -> bool:
+def fused_mixer_applies(mixer, x: Tensor, cache, cu_seqlens) -> bool:
     """Whether :func:`fused_mixer` can run this call (right padding through ``lengths`` is
     handled as the module path does: padded inputs of the conv and the scan are zeroed)."""
     cfg = mixer.config
@@ -173,5 +172,5 @@ def fused_mixer(mixer, x: Tensor, reverse: bool = False, lengths: Tensor | None 
     dims = (mixer.d_inner, mixer.dt_rank, mixer.d_state)
     return FusedMixerFn.apply(
         x, bool(reverse), dims, lengths, mixer.in_proj.weight, mixer.in_proj.bias,
-        mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
-        mixer.A_log, mixer.D, mixer.out_proj.weight, mixer.out_proj.bias)
+        mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
+        mixer.dt_proj.bias, mixer.A_log, mixer.D, mixer.out_proj.weight, mixer.out_proj.bias)

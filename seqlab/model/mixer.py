@@ -181,7 +181,7 @@ class Mixer(nn.Module):
             reverse: scan and convolve from the end (the backward half of a BiMixer).
         """
         from .fused_mixer import fused_mixer, fused_mixer_applies
-        if fused_mixer_applies(self, x, cache, lengths, cu_seqlens, reverse):
+        if fused_mixer_applies(self, x, cache, cu_seqlens):
             return fused_mixer(self, x, reverse, lengths)
         return self.mix(self.in_proj(x), cache, lengths, cu_seqlens, reverse, self.out_proj)
 
