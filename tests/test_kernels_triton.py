@@ -189,20 +189,34 @@ def test_forward_and_backward_segment_independently(ppsm_fwd, ppsm_bwd, cu, bwd,
     check(case, nseq, torch.float32, reverse=cu is not None, cu=cu)
 
 
-ATOMIC_CASES = [c for c in CASES if c.id in (
+DBC_CASES = [c for c in CASES if c.id in (
     "B2-D8-L40-N4-fp32-all-options", "B1-D8-L150-N16-fp32-groups-reverse-segments",
     "varlen-len1-len0-N3-fp32-segments", "B1-D8-L70-N16-bf16-channels-last-groups")]
 
 
-@pytest.mark.parametrize("spec,opts", ATOMIC_CASES)
-def test_scan_atomic_dbc_matches_reference(spec, opts, monkeypatch):
-    """SEQLAB_SCAN_DBC=atomic: ∂B/∂C added by every channel block into one float32 buffer per
-    group (less memory than the per-block partials, summation order not fixed)."""
+@pytest.mark.parametrize("mode", ["atomic", "partials"])
+@pytest.mark.parametrize("spec,opts", DBC_CASES)
+def test_scan_dbc_modes_match_reference(spec, opts, mode, monkeypatch):
+    """Both ways of summing ∂B/∂C over channel blocks with the v5 backward: atomic adds into one
+    float32 buffer per group (the default), partials per block summed in a fixed order."""
     monkeypatch.setenv("SEQLAB_SCAN_BWD", "v5")
-    monkeypatch.setenv("SEQLAB_SCAN_DBC", "atomic")
+    monkeypatch.setenv("SEQLAB_SCAN_DBC", mode)
     spec = dict(spec)
     case, nseq = make_case(**spec)
     check(case, nseq, spec["dtype"], cu=spec.get("cu"), **opts)
+
+
+def test_dbc_mode_selection(monkeypatch):
+    monkeypatch.delenv("SEQLAB_SCAN_DBC", raising=False)
+    assert scan_triton._dbc_mode("v5") == "atomic"
+    assert scan_triton._dbc_mode("v4") == "partials"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert scan_triton._dbc_mode("v5") == "partials"  # reproducible sums when asked for
+    monkeypatch.setenv("SEQLAB_SCAN_DBC", "atomic")
+    assert scan_triton._dbc_mode("v5") == "atomic"  # an explicit choice wins
+    monkeypatch.setenv("SEQLAB_SCAN_DBC", "fast")
+    with pytest.raises(ValueError, match="SEQLAB_SCAN_DBC='fast'"):
+        scan_triton._dbc_mode("v5")
 
 
 def test_atomic_dbc_needs_v5(monkeypatch):
