@@ -36,8 +36,8 @@ def _random_cache(m, batch, dtype):
 
 @pytest.fixture(autouse=True)
 def force_fused(monkeypatch):
-    """The fused kernels at every batch size here (auto hands batches above FUSED_MAX_BATCH
-    to the per-op step)."""
+    """The fused kernels at every batch size here (auto hands large batches and wide models to
+    the per-op step)."""
     monkeypatch.setenv("SEQLAB_LM_STEP", "fused")
 
 
@@ -100,15 +100,15 @@ def test_fused_step_is_chosen_only_where_it_applies(monkeypatch):
     monkeypatch.setenv("SEQLAB_LM_STEP", "auto")
     m = _model()
     big = dec.FUSED_MAX_BATCH + 1
-    with torch.no_grad():  # narrow models keep the fused step at any batch
-        m.step(torch.zeros(big, dtype=torch.long, device=DEV), m.allocate_cache(big))
-        assert last_impl("lm_step") == "fused_triton"
-    monkeypatch.setattr(dec, "PER_OP_MIN_D_MODEL", 32)
-    with torch.no_grad():
-        m.step(torch.zeros(big, dtype=torch.long, device=DEV), m.allocate_cache(big))
-        assert last_impl("lm_step") == "per_op"
+    with torch.no_grad():  # a narrow model: fused at small batches, per-op above
         m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
         assert last_impl("lm_step") == "fused_triton"
+        m.step(torch.zeros(big, dtype=torch.long, device=DEV), m.allocate_cache(big))
+        assert last_impl("lm_step") == "per_op"
+    monkeypatch.setattr(dec, "PER_OP_MIN_D_MODEL", 32)
+    with torch.no_grad():  # a wide model: per-op at every batch
+        m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
+        assert last_impl("lm_step") == "per_op"
         monkeypatch.setenv("SEQLAB_LM_STEP", "per_op")
         m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
         assert last_impl("lm_step") == "per_op"

@@ -37,12 +37,12 @@ def fused_step_reason(model: nn.Module, device: torch.device) -> str | None:
     return None
 
 
-# SEQLAB_LM_STEP=auto hands a batch above FUSED_MAX_BATCH of a model at least PER_OP_MIN_D_MODEL
-# wide to the per-op step. From 16 rows the fused kernels switch to tl.dot tiles, whose
-# cross-program partial sums are read one at a time: for wide models the per-op step's cuBLAS
-# GEMMs win there. H200, CUDA graphs: 130m (d_model 768) batch 1 fused 927 tokens/s vs per-op
-# 600, batch 64 fused 19,963 vs per-op 32,960; the audio model (d_model 256, 14 layers) at
-# batch 64 fused 137,055 samples/s vs per-op 70,600.
+# SEQLAB_LM_STEP=auto takes the fused step only for narrow models (d_model below
+# PER_OP_MIN_D_MODEL) at small batches (at most FUSED_MAX_BATCH rows); elsewhere the per-op step
+# (cuBLAS GEMMs, the conv-update and state-update kernels, the fused add + norm: 7 launches per
+# layer) is faster. H200, CUDA graphs, generate(): 130m (d_model 768, 24 layers) batch 1 per-op
+# 1,317 tokens/s vs fused 948, batch 64 per-op 74,169; the audio model (d_model 256, 14 layers)
+# batch 1 fused 5,133 samples/s vs per-op 4,114, batch 64 per-op 205,928 vs fused 139,057.
 FUSED_MAX_BATCH = 15
 PER_OP_MIN_D_MODEL = 512
 STEP_CHOICES = ("auto", "fused", "per_op")
@@ -68,8 +68,8 @@ def use_fused_step(model: nn.Module, ids_t: Tensor) -> bool:
         if choice == "fused":
             raise ValueError(f"SEQLAB_LM_STEP=fused but the fused step does not apply: {reason}")
         return False
-    if (choice == "auto" and ids_t.shape[0] > FUSED_MAX_BATCH
-            and model.config.d_model >= PER_OP_MIN_D_MODEL):
+    if choice == "auto" and (ids_t.shape[0] > FUSED_MAX_BATCH
+                             or model.config.d_model >= PER_OP_MIN_D_MODEL):
         return False
     return True
 
