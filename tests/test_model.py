@@ -184,6 +184,14 @@ def test_rc_equivariant_backbone_and_lm_head(rng_seed, bidirectional):
     assert diff.abs().max() > 1e-2
 
 
+def test_rc_modules_put_their_complement_table_on_the_model_device():
+    """The index buffers follow the device passed to the constructors (a CPU table indexed by
+    CUDA ids fails), checked here with the meta device."""
+    m = MambaLM(tiny(rc_equivariant=True, d_model=16), device="meta")
+    tables = [b for n, b in m.named_buffers() if n.endswith("complement")]
+    assert len(tables) == 2 and all(t.device.type == "meta" for t in tables)
+
+
 def test_conjoin_rc_makes_any_model_strand_invariant(rng_seed):
     clf = SequenceClassifier(tiny(), num_classes=3, conjoin_rc=True)
     plain = SequenceClassifier(tiny(), num_classes=3)

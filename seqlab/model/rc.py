@@ -100,7 +100,8 @@ class RCEmbedding(nn.Module):
             raise ValueError(f"RCEmbedding: d_model must be even, got {d_model}")
         self.weight = nn.Parameter(torch.empty(num_embeddings, d_model // 2, device=device, dtype=dtype))
         nn.init.normal_(self.weight)
-        self.register_buffer("complement", complement_table(num_embeddings), persistent=False)
+        self.register_buffer("complement", complement_table(num_embeddings).to(device),
+                             persistent=False)
 
     def forward(self, ids: Tensor) -> Tensor:
         fwd = F.embedding(ids, self.weight)
@@ -144,7 +145,8 @@ class RCLMHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab, d_model // 2, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)
-        self.register_buffer("complement", complement_table(vocab), persistent=False)
+        self.register_buffer("complement", complement_table(vocab).to(device),
+                             persistent=False)
 
     def forward(self, h: Tensor) -> Tensor:
         a, b = h.chunk(2, dim=-1)
