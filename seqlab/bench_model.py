@@ -11,8 +11,8 @@ mamba_ssm 2.3.2 ``MambaLMHeadModel`` on one H200):
     optimizer step. Peak memory is ``torch.cuda.max_memory_allocated`` from the model's
     creation on (parameters, gradients and, for the graph rows, the capture included).
   * train_130m_cg / train_caduceus_cg (CUDA only): the same step with the model's forward and
-    backward captured as CUDA graphs (``torch.cuda.make_graphed_callables``), the loss and the
-    gradient accumulation eager. The peer's figure is eager; graphs remove the Python launch
+    backward captured as CUDA graphs (:class:`seqlab.cuda_graphs.GraphedForward`, what
+    ``trainer.cuda_graph=true`` uses), the loss and the gradient accumulation eager. The peer's figure is eager; graphs remove the Python launch
     cost, which at the 130m size is a large part of the step (see README).
   * train_caduceus: 16 bidirectional layers of d_model 256 (in/out projections tied between
     the directions, as Caduceus does), batch 1 x 131,072 tokens, same step. seqlab runs the
@@ -65,9 +65,8 @@ def bench_train(cfg: MambaConfig, batch: int, length: int, steps: int, device, p
                 cuda_graph: bool = False):
     """(tokens/s, peak GB, median ms) of forward+backward under bf16 autocast (CUDA).
 
-    cuda_graph: run the model's forward and backward as CUDA graphs
-    (``torch.cuda.make_graphed_callables``; the loss and the gradient accumulation stay eager),
-    which removes the per-kernel launch cost of the Python side."""
+    cuda_graph: run the model's forward and backward as CUDA graphs (GraphedForward; the loss
+    and the gradient accumulation stay eager), which removes the Python side's launch cost."""
     torch.manual_seed(0)
     model = MambaLM(cfg, device=device, dtype=torch.float32).train()
     g = torch.Generator().manual_seed(0)
@@ -81,9 +80,8 @@ def bench_train(cfg: MambaConfig, batch: int, length: int, steps: int, device, p
         torch.cuda.reset_peak_memory_stats(device)
     forward = model
     if cuda_graph:
-        # autocast's weight-cast cache must be off while capturing (torch's documented rule)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-            forward = torch.cuda.make_graphed_callables(model, (ids,))
+        from .cuda_graphs import GraphedForward
+        forward = GraphedForward(model, torch.bfloat16 if amp else None)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp,

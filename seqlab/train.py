@@ -56,6 +56,9 @@ class TrainerConfig:
     strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp"
     seed: int = 0
     max_minutes: float = 0.0  # wall-clock budget for training steps; 0 = none
+    # Replay the model's forward and backward from CUDA graphs (one process, CUDA, fixed batch
+    # shapes; seqlab.cuda_graphs): removes the kernel-launch cost that bounds small models.
+    cuda_graph: bool = False
     progress: bool = True
 
 
@@ -218,7 +221,20 @@ class Trainer:
     def autocast(self):
         if self.amp_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # CUDA graphs are captured without autocast's weight-cast cache (torch's rule)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              cache_enabled=not self.cfg.cuda_graph)
+
+    def _graphed(self, model):
+        """The model as the training step calls it: itself, or its CUDA-graph stand-in."""
+        if not self.cfg.cuda_graph:
+            return model
+        if self.device.type != "cuda" or self.dist.enabled:
+            raise ValueError(f"trainer.cuda_graph=true needs one process on a CUDA device; this "
+                             f"run has device {self.device} and world size "
+                             f"{self.dist.world_size}: set trainer.cuda_graph=false")
+        from .cuda_graphs import GraphedForward
+        return GraphedForward(model, self.amp_dtype)
 
     # -- checkpoints
     def save_checkpoint(self, model, opt, step: int, task: Task, extra: dict) -> None:
@@ -281,6 +297,7 @@ class Trainer:
             start_step = int(state["step"])
             run.truncate_metrics(start_step)
             log.info("resumed from %s at step %d", ckpt, start_step)
+        step_model = self._graphed(model)
         run.set_status("running", step=start_step)
         n_params = sum(p.numel() for p in raw.parameters())
         if self.dist.is_main:
@@ -307,7 +324,7 @@ class Trainer:
                     g["lr"] = lr
                 torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + self.dist.rank)
                 model.train()
-                metrics = self._train_step(task, model, opt, step)
+                metrics = self._train_step(task, model, opt, step, step_model)
                 tokens += metrics.pop("_tokens", 0)
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0.0) + v
@@ -348,8 +365,11 @@ class Trainer:
             run.set_status("failed", step=step, error=f"{type(exc).__name__}: {exc}")
             raise
 
-    def _train_step(self, task: Task, model, opt, step: int) -> dict[str, float]:
+    def _train_step(self, task: Task, model, opt, step: int, step_model=None) -> dict[str, float]:
+        """One optimizer step; ``step_model`` (default ``model``) is what the task's loss calls
+        (the CUDA-graph stand-in with trainer.cuda_graph)."""
         cfg = self.cfg
+        step_model = model if step_model is None else step_model
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         tokens = 0
@@ -362,7 +382,7 @@ class Trainer:
                    else _nullcontext())
             with ctx:
                 with self.autocast():
-                    loss, metrics = task.loss(model, batch)
+                    loss, metrics = task.loss(step_model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} "
                                              f"(micro-batch {micro}); lower trainer.lr or check "

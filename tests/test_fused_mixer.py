@@ -127,21 +127,22 @@ def test_fused_mixer_with_right_padding_matches_modules(bidirectional, rng_seed)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_cuda_graphed_training_step_matches_eager(bidirectional):
-    """The model's forward and backward captured with torch.cuda.make_graphed_callables (what
-    ``python -m seqlab.bench_model`` times as the CUDA-graph training rows) give the eager
-    logits and gradients, replay after replay, on fresh inputs each time."""
+    """The model's forward and backward replayed from CUDA graphs (GraphedForward: what
+    trainer.cuda_graph=true and the bench's CUDA-graph training rows use) give the eager
+    logits and gradients, replay after replay, on fresh inputs each time; eval-mode calls and
+    new shapes run or capture as they should."""
+    from seqlab.cuda_graphs import GraphedForward
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=64, n_layer=2, vocab_size=256, bidirectional=bidirectional,
                       fused_mixer=True, fused_add_norm=True)
     model = MambaLM(cfg, device=DEV, dtype=torch.float32).train()
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (2, 300), generator=gen).to(DEV)
-    with torch.autocast(DEV, dtype=torch.bfloat16, cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(model, (ids,))
+    graphed = GraphedForward(model, torch.bfloat16)
     for _ in range(2):
         ids.copy_(torch.randint(0, 256, ids.shape, generator=gen))
         out = {}
-        for name, fn in (("eager", model), ("graph", graphed)):
+        for name, fn in (("graph", graphed), ("eager", model)):  # capture before eager grads
             model.zero_grad(set_to_none=True)
             with torch.autocast(DEV, dtype=torch.bfloat16, cache_enabled=False):
                 logits = fn(ids)
@@ -154,3 +155,17 @@ def test_cuda_graphed_training_step_matches_eager(bidirectional):
         for n in ge:  # same kernels, same order; atomics may reorder float32 sums
             err = ((gg[n] - ge[n]).norm() / ge[n].norm().clamp_min(1e-12)).item()
             assert err < 1e-3, (n, err)
+    assert len(graphed.graphs) == 1
+    with torch.autocast(DEV, dtype=torch.bfloat16, cache_enabled=False):
+        small = ids[:1, :100]
+        model.zero_grad(set_to_none=True)
+        graphed(small).float().sum().backward()  # beyond max_graphs: runs eagerly
+        g_small = model.lm_head.weight.grad.clone()
+        model.zero_grad(set_to_none=True)
+        model(small).float().sum().backward()
+        g_ref = model.lm_head.weight.grad  # two eager runs: atomics may reorder sums
+        assert ((g_small - g_ref).norm() / g_ref.norm()).item() < 1e-3
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(graphed(ids), model(ids))  # eval mode: eager
+    assert len(graphed.graphs) == 1

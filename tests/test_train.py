@@ -128,3 +128,20 @@ def test_lr_schedule_and_param_groups():
     decay, no_decay = param_groups(m, 0.1)
     assert {id(p) for p in decay["params"]} == {id(m.weight)}
     assert {id(p) for p in no_decay["params"]} == {id(m.bias), id(flagged)}
+
+
+def test_cuda_graph_needs_one_cuda_process(tmp_path):
+    with pytest.raises(ValueError, match="trainer.cuda_graph=true needs one process on a CUDA"):
+        Trainer(_cfg(cuda_graph=True), tmp_path / "run").fit(ToyTask())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_training_equals_eager(tmp_path):
+    """trainer.cuda_graph=true replays the same computation: the same weights after 12 steps
+    (with evaluations, checkpoints and eval-mode calls in between, which run eagerly)."""
+    Trainer(_cfg(device="cuda"), tmp_path / "eager").fit(ToyTask())
+    Trainer(_cfg(device="cuda", cuda_graph=True), tmp_path / "graph").fit(ToyTask())
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "graph")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
