@@ -97,14 +97,15 @@ class _Decoder:
         self.fused_pick = device.type == "cuda" and top_k == 0 and top_p >= 1.0
         self.graph = None
         if cuda_graph:
+            from seqlab.model.decode import graph_decoding
             saved = [t.clone() for layer in self.cache for t in layer]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), graph_decoding():
                 self._steps()  # compiles the kernels; advances the cache (restored below)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph), graph_decoding():
                 self._steps()
             for dst, src in zip((t for layer in self.cache for t in layer), saved):
                 dst.copy_(src)

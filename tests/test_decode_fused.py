@@ -106,9 +106,14 @@ def test_fused_step_is_chosen_only_where_it_applies(monkeypatch):
         m.step(torch.zeros(big, dtype=torch.long, device=DEV), m.allocate_cache(big))
         assert last_impl("lm_step") == "per_op"
     monkeypatch.setattr(dec, "PER_OP_MIN_D_MODEL", 32)
-    with torch.no_grad():  # a wide model: per-op at every batch
+    with torch.no_grad():  # a wide model: fused at small batches, unless graph-captured
         m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
-        assert last_impl("lm_step") == "per_op"
+        assert last_impl("lm_step") == "fused_triton"
+        with dec.graph_decoding():
+            m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
+            assert last_impl("lm_step") == "per_op"
+        m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
+        assert last_impl("lm_step") == "fused_triton"
         monkeypatch.setenv("SEQLAB_LM_STEP", "per_op")
         m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
         assert last_impl("lm_step") == "per_op"

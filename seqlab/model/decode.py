@@ -7,6 +7,8 @@ against. Which one ran is observable through ``seqlab.kernels.last_impl("lm_step
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -37,15 +39,29 @@ def fused_step_reason(model: nn.Module, device: torch.device) -> str | None:
     return None
 
 
-# SEQLAB_LM_STEP=auto takes the fused step only for narrow models (d_model below
-# PER_OP_MIN_D_MODEL) at small batches (at most FUSED_MAX_BATCH rows); elsewhere the per-op step
-# (cuBLAS GEMMs, the conv-update and state-update kernels, the fused add + norm: 7 launches per
-# layer) is faster. H200, CUDA graphs, generate(): 130m (d_model 768, 24 layers) batch 1 per-op
-# 1,317 tokens/s vs fused 948, batch 64 per-op 74,169; the audio model (d_model 256, 14 layers)
-# batch 1 fused 5,133 samples/s vs per-op 4,114, batch 64 per-op 205,928 vs fused 139,057.
+# SEQLAB_LM_STEP=auto takes the fused step for batches of at most FUSED_MAX_BATCH rows, except,
+# inside CUDA-graph decoding (:func:`graph_decoding`), for models at least PER_OP_MIN_D_MODEL
+# wide; elsewhere the per-op step (cuBLAS GEMMs, the conv-update and state-update kernels, the
+# fused add + norm: 7 launches per layer) is faster. H200, generate(): with CUDA graphs, 130m
+# (d_model 768, 24 layers) batch 1 per-op 1,317 tokens/s vs fused 948, batch 64 per-op 74,169;
+# the audio model (d_model 256, 14 layers) batch 1 fused 5,133 samples/s vs per-op 4,114,
+# batch 64 per-op 205,928 vs fused 139,057. Without graphs every launch costs host time and
+# the fused step's 2 launches per layer win: 130m batch 1 fused 194 tokens/s vs per-op 99.
 FUSED_MAX_BATCH = 15
 PER_OP_MIN_D_MODEL = 512
 STEP_CHOICES = ("auto", "fused", "per_op")
+_GRAPH_DECODING = [0]  # depth of graph_decoding() contexts
+
+
+@contextlib.contextmanager
+def graph_decoding():
+    """Marks ``step`` calls made for a CUDA-graph capture and its warm-up (generate() does), so
+    that ``SEQLAB_LM_STEP=auto`` picks the step that is fastest when replayed."""
+    _GRAPH_DECODING[0] += 1
+    try:
+        yield
+    finally:
+        _GRAPH_DECODING[0] -= 1
 
 
 def step_choice() -> str:
@@ -68,9 +84,11 @@ def use_fused_step(model: nn.Module, ids_t: Tensor) -> bool:
         if choice == "fused":
             raise ValueError(f"SEQLAB_LM_STEP=fused but the fused step does not apply: {reason}")
         return False
-    if choice == "auto" and (ids_t.shape[0] > FUSED_MAX_BATCH
-                             or model.config.d_model >= PER_OP_MIN_D_MODEL):
-        return False
+    if choice == "auto":
+        if ids_t.shape[0] > FUSED_MAX_BATCH:
+            return False
+        if _GRAPH_DECODING[0] and model.config.d_model >= PER_OP_MIN_D_MODEL:
+            return False
     return True
 
 
