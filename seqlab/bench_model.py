@@ -12,8 +12,9 @@ mamba_ssm 2.3.2 ``MambaLMHeadModel`` on one H200):
     creation on (parameters, gradients and, for the graph rows, the capture included).
   * train_130m_cg / train_caduceus_cg (CUDA only): the same step with the model's forward and
     backward captured as CUDA graphs (:class:`seqlab.cuda_graphs.GraphedForward`, what
-    ``trainer.cuda_graph=true`` uses), the loss and the gradient accumulation eager. The peer's figure is eager; graphs remove the Python launch
-    cost, which at the 130m size is a large part of the step (see README).
+    ``trainer.cuda_graph=true`` uses), the loss and the gradient accumulation eager. The
+    peer's figure is eager; graphs remove the Python launch cost, which at the 130m size is
+    a large part of the step (see README).
   * train_caduceus: 16 bidirectional layers of d_model 256 (in/out projections tied between
     the directions, as Caduceus does), batch 1 x 131,072 tokens, same step. seqlab runs the
     reverse direction with the kernel's ``reverse=True``; the peer on flipped copies.
@@ -155,23 +156,19 @@ def run(args) -> list[dict]:
         return only is None or any(name.startswith(o) for o in only)
 
     train_graphs = [False, True] if device.type == "cuda" and not args.no_graph_train else [False]
+    train_rows = [  # name, description, config, batch, length
+        ("train_130m", "train 130m causal", lm_130m(q, not args.no_fused),
+         *((2, 256) if q else (8, 2048))),
+        ("train_caduceus", "train Caduceus-size bidir", caduceus(q, not args.no_fused),
+         1, 4096 if q else 131072)]
     for cg in train_graphs:
         sfx, label = ("_cg", ", CUDA graph") if cg else ("", "")
-        if want("train_130m" + sfx):
-            b, L = (2, 256) if q else (8, 2048)
-            tok, peak, ms = bench_train(lm_130m(q, not args.no_fused), b, L, args.steps, device,
-                                        args.profile and not cg, cg)
-            rows.append(dict(name="train_130m" + sfx, what=f"train 130m causal, b{b} x L{L}{label}",
-                             value=tok, unit="tokens/s", peak_gb=peak, ms=ms))
-            print(f"  {rows[-1]['what']}: {tok:,.0f} tokens/s, {ms:.1f} ms, peak {peak:.2f} GB",
-                  flush=True)
-        if want("train_caduceus" + sfx):
-            L = 4096 if q else 131072
-            tok, peak, ms = bench_train(caduceus(q, not args.no_fused), 1, L, args.steps, device,
-                                        args.profile and not cg, cg)
-            rows.append(dict(name="train_caduceus" + sfx,
-                             what=f"train Caduceus-size bidir, b1 x L{L}{label}",
-                             value=tok, unit="tokens/s", peak_gb=peak, ms=ms))
+        for name, what, cfg, b, L in train_rows:
+            if not want(name + sfx):
+                continue
+            tok, peak, ms = bench_train(cfg, b, L, args.steps, device, args.profile and not cg, cg)
+            rows.append(dict(name=name + sfx, what=f"{what}, b{b} x L{L}{label}", value=tok,
+                             unit="tokens/s", peak_gb=peak, ms=ms))
             print(f"  {rows[-1]['what']}: {tok:,.0f} tokens/s, {ms:.1f} ms, peak {peak:.2f} GB",
                   flush=True)
     graphs = [True, False] if device.type == "cuda" else [False]
