@@ -23,10 +23,15 @@ induction heads     V-1 = trigger, 0..V-2 = ordinary tokens
 
 The paper's settings: selective copying L=4096, K=16, V=16; induction heads V=16 trained at
 L=256 and evaluated up to L=2^20.
+
+A :class:`LengthCurriculum` trains at shorter L first (``data.curriculum`` of the synthetic
+job): the length is a function of the optimizer step, sample ``i`` at length L is still
+``default_rng([seed, i])``, and evaluation stays at the full L.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,6 +209,74 @@ class InductionHeads(SyntheticTask):
         ids[p] = self.trigger_id
         ids[L - 1] = self.trigger_id
         return ids, np.array([L - 1], dtype=np.int64), np.array([ids[p + 1]], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class LengthCurriculum:
+    """Training length by optimizer step: ``stages`` = ((from_step, seq_len), ...).
+
+    Stage k trains at ``seq_len_k`` from ``from_step_k`` until the next stage starts; the last
+    stage runs to the end. The first stage starts at step 0, steps strictly increase and every
+    length lies in the task's valid range up to its full ``seq_len`` (where evaluation stays).
+    The length is a pure function of the step, so a resumed run trains at the same lengths.
+    """
+    stages: tuple[tuple[int, int], ...]
+
+    def __post_init__(self):
+        where = "data.curriculum"
+        if not self.stages:
+            raise ValueError(f"{where}: needs at least one [from_step, seq_len] stage")
+        if self.stages[0][0] != 0:
+            raise ValueError(f"{where}: the first stage must start at step 0, got "
+                             f"{self.stages[0][0]}")
+        for (s0, _), (s1, _) in itertools.pairwise(self.stages):
+            if s1 <= s0:
+                raise ValueError(f"{where}: stage start steps must strictly increase, got {s0} "
+                                 f"then {s1}")
+
+    def length_at(self, step: int) -> int:
+        """seq_len of the stage holding optimizer step ``step`` (0-based)."""
+        if step < 0:
+            raise ValueError(f"LengthCurriculum.length_at: step must be >= 0, got {step}")
+        length = self.stages[0][1]
+        for start, seq_len in self.stages:
+            if step < start:
+                break
+            length = seq_len
+        return length
+
+    def to_list(self) -> list[list[int]]:
+        return [list(s) for s in self.stages]
+
+
+def make_curriculum(spec, task: SyntheticTask) -> LengthCurriculum | None:
+    """Validate ``spec`` ([[from_step, seq_len], ...] or None) against ``task`` (the generator at
+    its full training / evaluation length). None or an empty list mean no curriculum."""
+    if spec is None or (isinstance(spec, (list, tuple)) and len(spec) == 0):
+        return None
+    where = "data.curriculum"
+    if not isinstance(spec, (list, tuple)):
+        raise ValueError(f"{where} must be a list of [from_step, seq_len] pairs, got {spec!r}")
+    stages = []
+    for k, stage in enumerate(spec):
+        if (not isinstance(stage, (list, tuple)) or len(stage) != 2
+                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                           for v in stage)):
+            raise ValueError(f"{where}[{k}] must be a pair of integers [from_step, seq_len], "
+                             f"got {stage!r}")
+        stages.append((int(stage[0]), int(stage[1])))
+    curriculum = LengthCurriculum(tuple(stages))  # checks the steps
+    for k, (_, seq_len) in enumerate(stages):
+        if seq_len > task.seq_len:
+            raise ValueError(f"{where}[{k}]: seq_len {seq_len} exceeds data.seq_len="
+                             f"{task.seq_len} (the evaluation length, and the most a stage "
+                             "may train at)")
+        try:
+            task.with_length(seq_len)  # the generator's own checks (e.g. n_content <= seq_len)
+        except ValueError as exc:
+            raise ValueError(f"{where}[{k}]: seq_len {seq_len} is invalid for "
+                             f"{task.name}: {exc}") from exc
+    return curriculum
 
 
 TASKS = {"selective_copy": SelectiveCopying, "induction": InductionHeads}

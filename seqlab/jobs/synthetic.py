@@ -7,6 +7,11 @@ The length-extrapolation evaluation runs the model as a recurrence: the input go
 ``backbone(chunk, cache=cache)`` chunk by chunk (a prefill that carries the SSM and conv state),
 and the LM head is applied only to the hidden states at answer positions, so memory depends on
 the batch and chunk sizes, not on the sequence length.
+
+``data.curriculum`` ([[from_step, seq_len], ...], default null) trains at shorter lengths first
+(:class:`seqlab.data.synthetic.LengthCurriculum`); evaluation always runs at ``data.seq_len``.
+The stage of a batch follows from its optimizer step, which the trainer's sample indices
+determine (see :mod:`seqlab.train`), so a resumed run trains at the same lengths.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.synthetic import IGNORE_INDEX, SyntheticTask, make_task
+from ..data.synthetic import (IGNORE_INDEX, LengthCurriculum, SyntheticTask, make_curriculum,
+                               make_task)
 # The evaluation helpers live in seqlab.synthetic_eval (no Hydra / OmegaConf imports there);
 # they are re-exported here for existing callers.
 from ..synthetic_eval import (accuracy, answer_logits_chunked, answer_logits_full,  # noqa: F401
@@ -34,18 +40,36 @@ def generator_from_config(cfg: DictConfig) -> SyntheticTask:
     d = OmegaConf.to_container(cfg.data, resolve=True)
     name = d.pop("task")
     d.pop("eval_seed", None)
+    d.pop("curriculum", None)
     try:
         return make_task(name, **d)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"seqlab: invalid `data` config for the synthetic job: {exc}") from exc
 
 
+def curriculum_from_config(cfg: DictConfig, gen: SyntheticTask) -> LengthCurriculum | None:
+    """``data.curriculum`` validated against the full-length generator (None when unset)."""
+    spec = cfg.data.get("curriculum", None)
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    try:
+        return make_curriculum(spec, gen)
+    except ValueError as exc:
+        raise SystemExit(f"seqlab: invalid `data` config for the synthetic job: {exc}") from exc
+
+
 class SyntheticLMTask(Task):
     """Causal MambaLM trained with cross-entropy on the answer positions only."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, world_size: int = 1):
         self.cfg = cfg
         self.gen = generator_from_config(cfg)
+        self.curriculum = curriculum_from_config(cfg, self.gen)
+        # Samples per optimizer step: the trainer's step s holds global indices
+        # [s * per_step, (s + 1) * per_step), so a batch's first index gives its step.
+        t = cfg.trainer
+        self.samples_per_step = (int(t.get("micro_batch_size", 16)) * int(t.get("grad_accum", 1))
+                                 * int(world_size))
         if cfg.data.eval_seed == self.gen.seed:
             raise SystemExit(f"seqlab: data.eval_seed equals data.seed ({self.gen.seed}); the "
                              "held-out stream must use another seed")
@@ -67,8 +91,17 @@ class SyntheticLMTask(Task):
         return {"architecture": "MambaLM", "model": self.mcfg.to_dict(),
                 "task": OmegaConf.to_container(self.cfg.data, resolve=True)}
 
+    def train_length(self, step: int) -> int:
+        """Noise-region / sequence length L trained at optimizer step ``step``."""
+        return self.gen.seq_len if self.curriculum is None else self.curriculum.length_at(step)
+
     def train_batch(self, indices, device):
-        return self.gen.train_batch(indices, device)
+        indices = list(indices)
+        if self.curriculum is None or not indices:
+            return self.gen.train_batch(indices, device)
+        L = self.train_length(indices[0] // self.samples_per_step)
+        gen = self.gen if L == self.gen.seq_len else self.gen.with_length(L)
+        return gen.train_batch(indices, device)
 
     def loss(self, model, batch):
         logits = model(batch.ids).float()  # (B, T, V)
@@ -76,7 +109,9 @@ class SyntheticLMTask(Task):
         picked, targets = logits[keep], batch.labels[keep]  # (B*K, V), (B*K,)
         loss = F.cross_entropy(picked, targets)
         acc = (picked.argmax(-1) == targets).float().mean()
-        return loss, {"loss": loss.item(), "acc": acc.item()}
+        # seq_len: the L trained at (below data.seq_len during a curriculum's early stages).
+        seq_len = batch.ids.shape[1] - (self.gen.length - self.gen.seq_len)
+        return loss, {"loss": loss.item(), "acc": acc.item(), "seq_len": float(seq_len)}
 
     def evaluate(self, model, step, device):
         self.last_step = step
@@ -128,7 +163,8 @@ class SyntheticLMTask(Task):
 
 def train_synthetic(cfg: DictConfig) -> dict:
     trainer = make_trainer(cfg)
-    summary = trainer.fit(SyntheticLMTask(cfg), resume=cfg.get("resume", True))
+    task = SyntheticLMTask(cfg, world_size=trainer.dist.world_size)
+    summary = trainer.fit(task, resume=cfg.get("resume", True))
     if trainer.dist.is_main:
         print_summary(f"synthetic {cfg.data.task}", summary, trainer.run)
         for key in ("training_plot", "extrapolation_plot"):
