@@ -365,11 +365,10 @@ class Trainer:
             run.set_status("failed", step=step, error=f"{type(exc).__name__}: {exc}")
             raise
 
-    def _train_step(self, task: Task, model, opt, step: int, step_model=None) -> dict[str, float]:
-        """One optimizer step; ``step_model`` (default ``model``) is what the task's loss calls
-        (the CUDA-graph stand-in with trainer.cuda_graph)."""
+    def _train_step(self, task: Task, model, opt, step: int, step_model) -> dict[str, float]:
+        """One optimizer step; ``step_model`` is what the task's loss calls (``model`` itself,
+        or its CUDA-graph stand-in with trainer.cuda_graph)."""
         cfg = self.cfg
-        step_model = model if step_model is None else step_model
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         tokens = 0

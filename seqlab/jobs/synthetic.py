@@ -29,7 +29,7 @@ from ..data.synthetic import (IGNORE_INDEX, LengthCurriculum, SyntheticTask, mak
 from ..synthetic_eval import (accuracy, answer_logits_chunked, answer_logits_full,  # noqa: F401
                               evaluate_task, plot_extrapolation)
 from ..train import RunDir, Task
-from .common import make_trainer, model_config, print_summary
+from .common import make_trainer, model_config, print_summary, trainer_config
 
 log = logging.getLogger("seqlab")
 
@@ -67,9 +67,8 @@ class SyntheticLMTask(Task):
         self.curriculum = curriculum_from_config(cfg, self.gen)
         # Samples per optimizer step: the trainer's step s holds global indices
         # [s * per_step, (s + 1) * per_step), so a batch's first index gives its step.
-        t = cfg.trainer
-        self.samples_per_step = (int(t.get("micro_batch_size", 16)) * int(t.get("grad_accum", 1))
-                                 * int(world_size))
+        t = trainer_config(cfg)  # the trainer's own defaults for keys the recipe leaves out
+        self.samples_per_step = t.micro_batch_size * t.grad_accum * int(world_size)
         if cfg.data.eval_seed == self.gen.seed:
             raise SystemExit(f"seqlab: data.eval_seed equals data.seed ({self.gen.seed}); the "
                              "held-out stream must use another seed")
