@@ -376,7 +376,10 @@ def test_selective_copy_curriculum_reaches_95(tmp_path, one_thread):
 def test_selective_copy_lti_ablation_stays_far_below(tmp_path, one_thread):
     """The same curriculum with selection off (Δ, B, C input-independent): an LTI layer cannot
     skip the noise, so what it fits at the short lengths does not carry to L = 256. Measured:
-    40.2% (51% at L = 64 before the last stages), 185-200 s wall (its scan is slower per step)."""
+    39.1% in 169 s wall / 168 s CPU with the LTI mixer's FFT convolution. Through the scan (one
+    B/C group per channel, slow on the CPU; same function, other rounding): 40.2% (51% at
+    L = 64 before the last stages) in 185-200 s, and 366 s wall / 528 s CPU on the same
+    machine and day as the 169 s."""
     s = _train(tmp_path, "synthetic_selective_copy_fast",
                [*SELECTIVE_COPY_CI, "model.selective=false"])
     assert s["val_acc"] < 0.6
