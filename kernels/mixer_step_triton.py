@@ -462,18 +462,31 @@ def mixer_out_step(plan: StepPlan, x, z, xdbl, w_dt, dt_bias, A_log, D, ssm_stat
 
 
 @triton.jit
+def _pick_row(logits_ptr, noise_ptr, inv_temp, nid_ptr, out_ptr, V, HAS_NOISE: tl.constexpr,
+              VP: tl.constexpr, CG: tl.constexpr):
+    """argmax(logits * inv_temp + noise) over the first V entries of one row -> *nid_ptr and
+    *out_ptr. CG reads past L1 (the logits were written by other programs of this launch)."""
+    offs = tl.arange(0, VP)
+    m = offs < V
+    if CG:
+        x = tl.load(logits_ptr + offs, mask=m, other=float("-inf"), cache_modifier=".cg")
+    else:
+        x = tl.load(logits_ptr + offs, mask=m, other=float("-inf"))
+    x = x.to(tl.float32)
+    if HAS_NOISE:
+        x = x * inv_temp + tl.load(noise_ptr + offs, mask=m, other=0.0)
+    best = tl.argmax(x, axis=0)
+    tl.store(nid_ptr, best.to(tl.int64))
+    tl.store(out_ptr, best.to(tl.int64))
+
+
+@triton.jit
 def _pick_kernel(logits_ptr, s_lb, noise_ptr, s_nb, inv_temp, ids_ptr, out_ptr, s_ob, col, V,
                  HAS_NOISE: tl.constexpr, VP: tl.constexpr):
     """Per row: argmax(logits * inv_temp + noise) over the first V ids -> ids[b], out[b, col]."""
     b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, VP)
-    m = offs < V
-    x = tl.load(logits_ptr + b * s_lb + offs, mask=m, other=float("-inf")).to(tl.float32)
-    if HAS_NOISE:
-        x = x * inv_temp + tl.load(noise_ptr + b * s_nb + offs, mask=m, other=0.0)
-    best = tl.argmax(x, axis=0)
-    tl.store(ids_ptr + b, best.to(tl.int64))
-    tl.store(out_ptr + b * s_ob + col, best.to(tl.int64))
+    _pick_row(logits_ptr + b * s_lb, noise_ptr + b * s_nb, inv_temp, ids_ptr + b,
+              out_ptr + b * s_ob + col, V, HAS_NOISE, VP, False)
 
 
 def pick_step(logits, noise, inv_temp: float, ids_out, out, col: int, vocab: int):

@@ -15,6 +15,7 @@ small-batch decoding.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from collections import OrderedDict
 
@@ -112,12 +113,17 @@ class _Decoder:
 
     def _steps(self, n: int = CHUNK):
         model = self._model()
+        if self.fused_pick:  # CUDA only: the imports need Triton
+            from seqlab.kernels.mixer_step_triton import pick_step
+            from seqlab.model.decode import step_and_pick
         for s in range(n):
-            logits = model.step(self.ids, self.cache)
             noise = None if self.noise is None else self.noise[s]
+            inv = 1.0 if self.noise is None else 1.0 / self.temperature
+            if self.fused_pick and step_and_pick(model, self.ids, self.cache, noise, inv,
+                                                 self.out, s, self.vocab):
+                continue  # step and pick in one launch (the persistent step)
+            logits = model.step(self.ids, self.cache)
             if self.fused_pick:
-                from seqlab.kernels.mixer_step_triton import pick_step
-                inv = 1.0 if self.noise is None else 1.0 / self.temperature
                 pick_step(logits, noise, inv, self.ids, self.out, s, self.vocab)
             else:
                 nxt = pick(logits[:, :self.vocab], noise, self.temperature, self.top_k, self.top_p)
@@ -145,7 +151,8 @@ def _decoder(model, batch, dtype, device, vocab, temperature, top_k, top_p, cuda
     """A cached decoder for these settings (graphs are captured once, then replayed)."""
     params = tuple(p.data_ptr() for p in model.parameters())  # a moved/reloaded model recaptures
     key = (batch, dtype, str(device), vocab, float(temperature), int(top_k), float(top_p),
-           bool(cuda_graph), getattr(model.config, "scan_impl", None), params)
+           bool(cuda_graph), getattr(model.config, "scan_impl", None), params,
+           os.environ.get("SEQLAB_LM_STEP", ""))  # a captured graph holds one step path
     per_model = _DECODERS.setdefault(model, OrderedDict())
     dec = per_model.get(key)
     if dec is None:

@@ -98,7 +98,7 @@ def test_fused_cuda_graph_decoding_equals_eager(how):
                 dtype=torch.bfloat16)
     prompt = torch.randint(0, 256, (3, 5), device="cuda")
     eager = generate(m, prompt, 40, seed=3, cuda_graph=False, **how)
-    assert last_impl("lm_step") == "fused_triton"
+    assert last_impl("lm_step") in ("fused_triton", "persistent_triton")
     graphed = generate(m, prompt, 40, seed=3, cuda_graph=True, **how)
     again = generate(m, prompt, 40, seed=3, cuda_graph=True, **how)  # replays the cached graph
     assert torch.equal(eager, graphed) and torch.equal(graphed, again)

@@ -280,14 +280,22 @@ class MambaLM(nn.Module):
     def step(self, ids_t: Tensor, cache: list) -> Tensor:
         """ids_t (batch,) -> logits (batch, padded_vocab_size) for the next token.
 
-        Uses the fused Triton step (two kernels per layer, float32 logits) where it applies
-        (see :func:`seqlab.model.decode.fused_step_reason`), else the per-op path;
-        ``seqlab.kernels.last_impl("lm_step")`` says which ran ("fused_triton" / "per_op").
+        Uses a fused Triton step where it applies (see
+        :func:`seqlab.model.decode.fused_step_reason` and :func:`~seqlab.model.decode.step_path`):
+        the whole step in one persistent launch or two kernels per layer (float32 logits);
+        else the per-op path. ``seqlab.kernels.last_impl("lm_step")`` says which ran
+        ("persistent_triton" / "fused_triton" / "per_op").
         """
         from seqlab.kernels import api as kernel_api
 
-        from .decode import fused_lm_step, use_fused_step
-        if use_fused_step(self, ids_t):
+        from .decode import fused_lm_step, persistent_step, step_path
+        path = step_path(self, ids_t)
+        if path == "persistent":
+            kernel_api._last_impl["lm_step"] = "persistent_triton"
+            with torch.no_grad():
+                # A copy: the step's logits buffer is reused by the next call.
+                return persistent_step(self, cache, ids_t.shape[0])(ids_t).clone()
+        if path == "fused":
             kernel_api._last_impl["lm_step"] = "fused_triton"
             return fused_lm_step(self, ids_t, cache)
         kernel_api._last_impl["lm_step"] = "per_op"

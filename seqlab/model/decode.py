@@ -8,6 +8,8 @@ against. Which one ran is observable through ``seqlab.kernels.last_impl("lm_step
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -47,9 +49,13 @@ def fused_step_reason(model: nn.Module, device: torch.device) -> str | None:
 # the audio model (d_model 256, 14 layers) batch 1 fused 5,133 samples/s vs per-op 4,114,
 # batch 64 per-op 205,928 vs fused 139,057. Without graphs every launch costs host time and
 # the fused step's 2 launches per layer win: 130m batch 1 fused 194 tokens/s vs per-op 99.
+# Where the fused step is chosen on a GPU, models up to PERSIST_MAX_D_MODEL wide take its
+# persistent form (the whole step in one launch, :mod:`seqlab.kernels.lm_step_persistent`)
+# when its programs fit the GPU at once.
 FUSED_MAX_BATCH = 15
 PER_OP_MIN_D_MODEL = 512
-STEP_CHOICES = ("auto", "fused", "per_op")
+PERSIST_MAX_D_MODEL = 256
+STEP_CHOICES = ("auto", "fused", "persistent", "per_op")
 _GRAPH_DECODING = [0]  # depth of graph_decoding() contexts
 
 
@@ -65,7 +71,7 @@ def graph_decoding():
 
 
 def step_choice() -> str:
-    """SEQLAB_LM_STEP: auto (default), fused or per_op."""
+    """SEQLAB_LM_STEP: auto (default), fused, persistent or per_op."""
     import os
     v = os.environ.get("SEQLAB_LM_STEP", "").strip().lower() or "auto"
     if v not in STEP_CHOICES:
@@ -73,22 +79,75 @@ def step_choice() -> str:
     return v
 
 
-def use_fused_step(model: nn.Module, ids_t: Tensor) -> bool:
-    """Whether ``MambaLM.step`` takes the fused path for this call (SEQLAB_LM_STEP, the
-    model's structure and the batch size decide; ``last_impl("lm_step")`` reports it)."""
+def step_path(model: nn.Module, ids_t: Tensor) -> str:
+    """Which step ``MambaLM.step`` takes for this call: "persistent", "fused" or "per_op"
+    (SEQLAB_LM_STEP, the model's structure, the device and the batch size decide;
+    ``last_impl("lm_step")`` reports it as "persistent_triton", "fused_triton" or "per_op")."""
+    import os
     choice = step_choice()
     if choice == "per_op":
-        return False
+        return "per_op"
     reason = fused_step_reason(model, ids_t.device)
     if reason is not None:
-        if choice == "fused":
-            raise ValueError(f"SEQLAB_LM_STEP=fused but the fused step does not apply: {reason}")
+        if choice in ("fused", "persistent"):
+            raise ValueError(f"SEQLAB_LM_STEP={choice} but the fused step does not apply: {reason}")
+        return "per_op"
+    from seqlab.kernels.lm_step_persistent import fits  # Triton resolves here: importable
+    batch, cfg = ids_t.shape[0], model.config
+    d_inner = model.backbone.layers[0].mixer.d_inner
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if choice == "persistent":
+        if interp or not fits(batch, d_inner, ids_t.device):
+            raise ValueError(f"SEQLAB_LM_STEP=persistent: {batch} rows x {d_inner} channels do "
+                             "not fit the GPU at once (or Triton is interpreted)")
+        return "persistent"
+    if choice == "fused":
+        return "fused"
+    if batch > FUSED_MAX_BATCH:
+        return "per_op"
+    if (not interp and cfg.d_model <= PERSIST_MAX_D_MODEL and fits(batch, d_inner, ids_t.device)):
+        return "persistent"
+    if _GRAPH_DECODING[0] and cfg.d_model >= PER_OP_MIN_D_MODEL:
+        return "per_op"
+    return "fused"
+
+
+def use_fused_step(model: nn.Module, ids_t: Tensor) -> bool:
+    """Whether ``MambaLM.step`` takes a fused path (two-kernel or persistent) for this call."""
+    return step_path(model, ids_t) != "per_op"
+
+
+_PERSISTENT: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def persistent_step(model: nn.Module, cache: list, batch: int):
+    """The :class:`~seqlab.kernels.lm_step_persistent.PersistentStep` of this model, cache and
+    batch, built on first use (its address table points at the parameters and the cache, so a
+    moved model or a new cache builds a new one; a few are kept per model)."""
+    from seqlab.kernels.lm_step_persistent import PersistentStep
+    key = (batch, tuple(t.data_ptr() for layer in cache for t in layer),
+           tuple(p.data_ptr() for p in model.parameters()))
+    per_model = _PERSISTENT.setdefault(model, OrderedDict())
+    st = per_model.get(key)
+    if st is None:
+        st = per_model[key] = PersistentStep(model, cache, batch)
+        while len(per_model) > 4:
+            per_model.popitem(last=False)
+    per_model.move_to_end(key)
+    return st
+
+
+@torch.no_grad()
+def step_and_pick(model: nn.Module, ids_t: Tensor, cache: list, noise: Tensor | None,
+                  inv_temp: float, out: Tensor, col: int, vocab: int) -> bool:
+    """If ``MambaLM.step`` would take the persistent path here: run the step and the pick of the
+    next id (argmax(logits * inv_temp + noise) over the first ``vocab`` ids, written to ids_t
+    and out[:, col]) in one launch and return True; else do nothing and return False."""
+    from .backbone import MambaLM
+    if not isinstance(model, MambaLM) or step_path(model, ids_t) != "persistent":
         return False
-    if choice == "auto":
-        if ids_t.shape[0] > FUSED_MAX_BATCH:
-            return False
-        if _GRAPH_DECODING[0] and model.config.d_model >= PER_OP_MIN_D_MODEL:
-            return False
+    kernel_api._last_impl["lm_step"] = "persistent_triton"
+    persistent_step(model, cache, ids_t.shape[0])(ids_t, (noise, inv_temp, ids_t, out, col, vocab))
     return True
 
 
