@@ -103,6 +103,8 @@ def run(args) -> list[dict]:
         t_len -= t_len % math.prod(pf)  # the multi-scale model needs L divisible by the pooling
     model = build(d_model, n_layer, device, dtype, pf, args.pool_expand)
     n_params = sum(p.numel() for p in model.parameters())
+    if args.compare_steps:
+        return compare_steps(model, device, gen_tokens, graphs)
     rows = []
     for name, b in (("gen_b1", 1), ("gen_b64", b_big)):
         rows.append({"name": name, "what": f"generate, batch {b}{' (CUDA graph)' if graphs else ''}",
@@ -127,6 +129,39 @@ def run(args) -> list[dict]:
               f"decode dtype {str(dtype).replace('torch.', '')}, {gen_tokens} new samples per call"
               f"{' [--quick sizes]' if args.quick else ''}")
     emit_report(header, format_table(rows), rows, args.json)
+    return rows
+
+
+def compare_steps(model: MambaLM, device: torch.device, new_tokens: int, graphs: bool) -> list[dict]:
+    """generate() samples/s at batches 1, 2, 4 and 8 with each decoding step forced through
+    SEQLAB_LM_STEP (per_op, fused two-kernel, persistent one-launch); a step that does not apply
+    at a batch is reported as such."""
+    import os
+
+    from . import generation
+    from .kernels import last_impl
+    from .model import decode
+    rows, before = [], os.environ.get("SEQLAB_LM_STEP")
+    try:
+        for b in (1, 2, 4, 8):
+            for step in ("per_op", "fused", "persistent"):
+                os.environ["SEQLAB_LM_STEP"] = step
+                generation._DECODERS.pop(model, None)  # recapture for this step
+                decode._PERSISTENT.pop(model, None)
+                try:
+                    v = bench_generate(model, b, new_tokens, device, graphs)
+                    ran = last_impl("lm_step")
+                except ValueError as e:  # the step does not apply here
+                    v, ran = math.nan, str(e).split(":")[0]
+                rows.append({"batch": b, "step": step, "value": v, "ran": ran})
+                us = 1e6 * b / v if v == v else math.nan
+                print(f"  batch {b}, {step:<10}: {fmt_num(v):>9} samples/s, "
+                      f"{fmt_num(us, '{:.1f}'):>7} us/step ({ran})", flush=True)
+    finally:
+        if before is None:
+            os.environ.pop("SEQLAB_LM_STEP", None)
+        else:
+            os.environ["SEQLAB_LM_STEP"] = before
     return rows
 
 
@@ -156,6 +191,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gen-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype for decoding (CPU always float32)")
     p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--compare-steps", action="store_true",
+                   help="only the decoding steps side by side (per_op / fused / persistent, "
+                        "batches 1-8; GPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return run(p.parse_args(argv))
 
