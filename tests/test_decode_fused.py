@@ -140,12 +140,18 @@ def test_fused_step_is_chosen_only_where_it_applies(monkeypatch):
     assert last_impl("lm_step") == "per_op"
 
 
+def greedy_generation_equals_full_forward(m, new: int, cuda_graph: bool, impl: str):
+    """Greedy generate() from a 5-id prompt took step ``impl`` and picked, at every position,
+    the argmax of the full (parallel-scan) forward over the generated sequence."""
+    prompt = torch.randint(0, 256, (2, 5), device=DEV)
+    out = generate(m, prompt, new, temperature=0, cuda_graph=cuda_graph)
+    assert last_impl("lm_step") == impl
+    with torch.no_grad():
+        logits = m(out)
+    torch.testing.assert_close(logits[:, 4:-1, :256].argmax(-1), out[:, 5:])
+    return prompt
+
+
 def test_greedy_generation_with_fused_steps_equals_full_forward():
     torch.manual_seed(0)
-    m = _model()
-    prompt = torch.randint(0, 256, (2, 5), device=DEV)
-    out = generate(m, prompt, 6, temperature=0, cuda_graph=False)
-    assert last_impl("lm_step") == "fused_triton"
-    with torch.no_grad():
-        logits = m(out)  # the full (parallel-scan) forward over the generated sequence
-    torch.testing.assert_close(logits[:, 4:-1, :256].argmax(-1), out[:, 5:])
+    greedy_generation_equals_full_forward(_model(), 6, False, "fused_triton")

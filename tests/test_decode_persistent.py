@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from seqlab.generation import generate
-from seqlab.kernels import last_impl
 from seqlab.kernels.lm_step_persistent import PersistentStep
 from seqlab.model import MambaConfig, MambaLM
 from seqlab.model.decode import step_path
@@ -161,14 +160,10 @@ def test_persistent_step_bf16_and_pick():
 
 @gpu
 def test_generation_takes_the_persistent_step():
+    from test_decode_fused import greedy_generation_equals_full_forward
     torch.manual_seed(0)
     m = _model()
-    prompt = torch.randint(0, 256, (2, 5), device=DEV)
-    out = generate(m, prompt, 40, temperature=0, cuda_graph=True)
-    assert last_impl("lm_step") == "persistent_triton"
-    with torch.no_grad():
-        logits = m(out)  # full forward over the generated sequence
-    torch.testing.assert_close(logits[:, 4:-1, :256].argmax(-1), out[:, 5:])
+    prompt = greedy_generation_equals_full_forward(m, 40, True, "persistent_triton")
     a = generate(m, prompt, 40, temperature=0.8, seed=3, cuda_graph=True)
     b = generate(m, prompt, 40, temperature=0.8, seed=3, cuda_graph=False)
     torch.testing.assert_close(a, b)  # graphed and eager persistent steps sample alike
