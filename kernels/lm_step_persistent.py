@@ -46,6 +46,7 @@ table of addresses (int64, one row per layer), built once per (model, cache).
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -395,7 +396,10 @@ class PersistentStep:
         self.uz = torch.empty(batch, 2, self.E, **f32)
         self.logits = torch.empty(batch, self.V, **f32)
         self.bar = torch.zeros(batch, 2, dtype=torch.int32, device=dev)
-        self.keep = (model, cache)  # the table points into these
+        # The table points into the parameters (held through self.refs) and the cache (held
+        # here, so its memory cannot be reused under the table); the model itself only
+        # weakly: seqlab.model.decode keeps these per model, which must stay collectable.
+        self._model, self.cache = weakref.ref(model), cache
 
     def __call__(self, ids: torch.Tensor, pick=None) -> torch.Tensor:
         """One step from ids (batch,) long; returns the logits buffer (batch, V) float32.
@@ -406,7 +410,7 @@ class PersistentStep:
         persistent).
         """
         from .mixer_step_triton import pick_step
-        model, _ = self.keep
+        model = self._model()
         bb = model.backbone
         r = self.refs
         n_ph = 2 * self.n_layer + 1

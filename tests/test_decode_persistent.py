@@ -107,6 +107,20 @@ def test_persistent_launch_refused_by_the_interpreter(monkeypatch):
     assert step_path(m, torch.zeros(1, dtype=torch.long, device=DEV)) != "persistent"
 
 
+def test_kept_steps_do_not_keep_models_alive():
+    import gc
+    import weakref
+
+    from seqlab.model.decode import _PERSISTENT, persistent_step
+    m = _model()
+    st = persistent_step(m, m.allocate_cache(1), 1)
+    assert persistent_step(m, st.cache, 1) is st  # same model, cache and batch: reused
+    ref, n = weakref.ref(m), len(_PERSISTENT)
+    del m, st
+    gc.collect()
+    assert ref() is None and len(_PERSISTENT) == n - 1
+
+
 def test_layers_that_differ_are_refused():
     m = _model(n_layer=2)
     cache = m.allocate_cache(1)

@@ -112,11 +112,6 @@ def step_path(model: nn.Module, ids_t: Tensor) -> str:
     return "fused"
 
 
-def use_fused_step(model: nn.Module, ids_t: Tensor) -> bool:
-    """Whether ``MambaLM.step`` takes a fused path (two-kernel or persistent) for this call."""
-    return step_path(model, ids_t) != "per_op"
-
-
 _PERSISTENT: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 
 
