@@ -335,7 +335,7 @@ class PersistentStep:
 
     Build once and reuse (CUDA-graph capture included): it holds pointers to the model's
     parameters and to the cache tensors, so it is only valid while they live at the same
-    addresses (:func:`seqlab.model.decode.fused_lm_step` keys it by those addresses).
+    addresses (:func:`seqlab.model.decode.persistent_step` keys it by those addresses).
     """
 
     def __init__(self, model, cache: list, batch: int, block_e: int | None = None,
@@ -363,8 +363,8 @@ class PersistentStep:
                              "holds whole rows)")
         self.DP = _p2(self.Dm)
         self.PP = max(1, min(_p2(self.P), 4096 // self.DP))  # out_proj shares per load
-        self.warps = int(os.environ.get("SEQLAB_PERSIST_WARPS", "0") or 0) or (
-            8)
+        # 8 warps measured best (4 / 8 / 16: 159 / 115.5 / 152 us per audio step).
+        self.warps = int(os.environ.get("SEQLAB_PERSIST_WARPS", "0") or 0) or 8
 
         def rows(i):
             mx, norm = layers[i].mixer, layers[i].norm
