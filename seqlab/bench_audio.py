@@ -3,6 +3,7 @@
     python -m seqlab.bench_audio                      # GPU: the full table
     python -m seqlab.bench_audio --device cpu --quick # tiny sizes, a smoke test (seconds)
     python -m seqlab.bench_audio --json bench.json    # also write the rows as JSON
+    python -m seqlab.bench_audio --compare-steps      # GPU: per-op / fused / persistent decoding
 
 Model: recipes/model/audio6m.yaml (d_model 256, 14 layers, d_state 16) over the 256 mu-law
 codes. Rows:
