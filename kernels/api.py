@@ -28,6 +28,14 @@ def last_impl(op: str = "selective_scan") -> str | None:
     return _last_impl.get(op)
 
 
+def record_impl(op: str, impl: str, device: torch.device | str | None = None) -> None:
+    """Note that ``impl`` ran for ``op`` (what :func:`last_impl` answers); a DEBUG log line
+    when it changes."""
+    if _last_impl.get(op) != impl:
+        log.debug("%s: using impl=%s on %s", op, impl, device)
+    _last_impl[op] = impl
+
+
 def triton_available() -> bool:
     """True when the triton package imports (it may still need a GPU or TRITON_INTERPRET=1)."""
     try:
@@ -68,9 +76,7 @@ def resolve_impl(impl: str, device: torch.device, op: str = "selective_scan") ->
             raise RuntimeError(
                 f"{op}: impl='triton' got tensors on {device}; Triton kernels need a CUDA device "
                 "(or TRITON_INTERPRET=1 to run them slowly on the CPU)")
-    if _last_impl.get(op) != impl:
-        log.debug("%s: using impl=%s on %s", op, impl, device)
-    _last_impl[op] = impl
+    record_impl(op, impl, device)
     return impl
 
 

@@ -349,8 +349,7 @@ class PersistentStep:
         self.Dm, self.E, self.R, self.N = model.config.d_model, m0.d_inner, m0.dt_rank, m0.d_state
         self.K = m0.d_conv
         self.V = model.lm_head.weight.shape[0]
-        be = block_e or int(os.environ.get("SEQLAB_PERSIST_BE", "0") or 0) or default_block(self.E)
-        self.BE = min(_p2(be), _p2(self.E))
+        self.BE = block_size(self.E, block_e)
         self.P = triton.cdiv(self.E, self.BE)
         self.VB = triton.cdiv(self.V, self.P)
         interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -457,15 +456,19 @@ class PersistentStep:
         return lg
 
 
-def default_block(d_inner: int) -> int:
-    """Channels per program: 16 (the audio model's 512 channels on 32 programs)."""
-    return 16
+DEFAULT_BLOCK = 16  # channels per program: the audio model's 512 channels on 32 programs
+
+
+def block_size(d_inner: int, block_e: int | None = None) -> int:
+    """Channels per program: ``block_e``, else SEQLAB_PERSIST_BE, else DEFAULT_BLOCK (a power of
+    two, at most d_inner's)."""
+    be = block_e or int(os.environ.get("SEQLAB_PERSIST_BE", "0") or 0) or DEFAULT_BLOCK
+    return min(_p2(be), _p2(d_inner))
 
 
 def fits(batch: int, d_inner: int, device: torch.device, block_e: int | None = None) -> bool:
     """Whether ``P * batch`` programs can all be resident (one per SM suffices)."""
     if device.type != "cuda":
         return False
-    be = block_e or int(os.environ.get("SEQLAB_PERSIST_BE", "0") or 0) or default_block(d_inner)
-    P = triton.cdiv(d_inner, min(_p2(be), _p2(d_inner)))
+    P = triton.cdiv(d_inner, block_size(d_inner, block_e))
     return P * batch <= torch.cuda.get_device_properties(device).multi_processor_count

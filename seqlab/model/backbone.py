@@ -21,7 +21,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .bidirectional import BiMixer
 from .config import MambaConfig
@@ -291,14 +290,14 @@ class MambaLM(nn.Module):
         from .decode import fused_lm_step, persistent_step, step_path
         path = step_path(self, ids_t)
         if path == "persistent":
-            kernel_api._last_impl["lm_step"] = "persistent_triton"
+            kernel_api.record_impl("lm_step", "persistent_triton", ids_t.device)
             with torch.no_grad():
                 # A copy: the step's logits buffer is reused by the next call.
                 return persistent_step(self, cache, ids_t.shape[0])(ids_t).clone()
         if path == "fused":
-            kernel_api._last_impl["lm_step"] = "fused_triton"
+            kernel_api.record_impl("lm_step", "fused_triton", ids_t.device)
             return fused_lm_step(self, ids_t, cache)
-        kernel_api._last_impl["lm_step"] = "per_op"
+        kernel_api.record_impl("lm_step", "per_op", ids_t.device)
         return self.step_per_op(ids_t, cache)
 
     def step_per_op(self, ids_t: Tensor, cache: list) -> Tensor:

@@ -8,6 +8,7 @@ against. Which one ran is observable through ``seqlab.kernels.last_impl("lm_step
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from collections import OrderedDict
 
@@ -72,7 +73,6 @@ def graph_decoding():
 
 def step_choice() -> str:
     """SEQLAB_LM_STEP: auto (default), fused, persistent or per_op."""
-    import os
     v = os.environ.get("SEQLAB_LM_STEP", "").strip().lower() or "auto"
     if v not in STEP_CHOICES:
         raise ValueError(f"SEQLAB_LM_STEP={v!r}: expected one of {STEP_CHOICES}")
@@ -83,7 +83,6 @@ def step_path(model: nn.Module, ids_t: Tensor) -> str:
     """Which step ``MambaLM.step`` takes for this call: "persistent", "fused" or "per_op"
     (SEQLAB_LM_STEP, the model's structure, the device and the batch size decide;
     ``last_impl("lm_step")`` reports it as "persistent_triton", "fused_triton" or "per_op")."""
-    import os
     choice = step_choice()
     if choice == "per_op":
         return "per_op"
@@ -141,7 +140,7 @@ def step_and_pick(model: nn.Module, ids_t: Tensor, cache: list, noise: Tensor | 
     from .backbone import MambaLM
     if not isinstance(model, MambaLM) or step_path(model, ids_t) != "persistent":
         return False
-    kernel_api._last_impl["lm_step"] = "persistent_triton"
+    kernel_api.record_impl("lm_step", "persistent_triton", ids_t.device)
     persistent_step(model, cache, ids_t.shape[0])(ids_t, (noise, inv_temp, ids_t, out, col, vocab))
     return True
 

@@ -33,7 +33,7 @@ def fused_mixer_applies(mixer, x: Tensor, cache, cu_seqlens) -> bool:
           and cu_seqlens is None and mixer.d_conv <= 4
           and torch.is_grad_enabled()
           and kernel_api.resolve_impl(cfg.scan_impl, x.device, op="mixer") == "triton")
-    kernel_api._last_impl["mixer"] = "fused" if ok else "modules"
+    kernel_api.record_impl("mixer", "fused" if ok else "modules", x.device)
     return ok
 
 

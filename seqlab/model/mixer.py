@@ -22,7 +22,6 @@ packed input and ``step`` keep the scan. ``seqlab.kernels.last_impl("lti_ssm")``
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -81,14 +80,6 @@ def fft_size(n: int) -> int:
             p35 *= 3
         p5 *= 5
     return best
-
-
-def _note_impl(op: str, impl: str, device: torch.device) -> None:
-    """Record (and log on change, at DEBUG) which path ran, as seqlab.kernels.resolve_impl does,
-    so that ``seqlab.kernels.last_impl(op)`` answers for it."""
-    if kernel_api._last_impl.get(op) != impl:
-        logging.getLogger("seqlab.kernels").debug("%s: using impl=%s on %s", op, impl, device)
-    kernel_api._last_impl[op] = impl
 
 
 class Mixer(nn.Module):
@@ -310,7 +301,7 @@ class Mixer(nn.Module):
         use_fft = (not self.selective and self._lti_fft and cache is None
                    and cu_seqlens is None)
         if not self.selective:
-            _note_impl("lti_ssm", "fft" if use_fft else "scan", u.device)
+            kernel_api.record_impl("lti_ssm", "fft" if use_fft else "scan", u.device)
         if use_fft:
             y = self._lti_conv(u, z, reverse)
         else:
