@@ -39,6 +39,21 @@ SHAPES = [("lm", 8, 2048, 2048), ("dna", 2, 512, 131072), ("audio", 16, 256, 160
 DSTATE = 16
 
 
+def peer_peak_extra_bytes(batch: int, dim: int, length: int, dstate: int = DSTATE,
+                          itemsize: int = 2) -> int:
+    """Peak extra memory of one mamba_ssm 2.3.2 ``selective_scan_fn`` forward+backward with z
+    and variable B/C, counted from the tensors its forward and backward allocate (the anchors
+    carry no measured peer memory). Alive together during its backward kernel: out and out_z
+    (u's dtype; out is saved for the backward, out_z returned), the chunk states x (float32
+    (batch, dim, ceil(L / 2048), 2 N), saved), du, ddelta, dz (u's dtype), float32 dB, dC
+    (batch, N, L) and dA, dD, ddelta_bias. A lower bound: the bf16 casts of dB/dC that follow
+    and the allocator's rounding are left out."""
+    bdl = batch * dim * length
+    n_chunks = -(-length // 2048)
+    return (5 * bdl * itemsize + batch * dim * n_chunks * 2 * dstate * 4
+            + 2 * batch * dstate * length * 4 + dim * dstate * 4 + 2 * dim * 4)
+
+
 def load_peer() -> tuple[dict, str]:
     """Peer figures from the anchor file if it is found, else the embedded copy."""
     root = Path(__file__).resolve().parent.parent
@@ -143,18 +158,24 @@ def bench_cuda(impls, quick, rep):
                 continue
             nbytes = sum(t.numel() * t.element_size() for t in ins) + b * d * L * 2
             p = peer.get(key)
+            peer_gb = peer_peak_extra_bytes(b, d, L) / 1e9
             rows.append(dict(shape=key, impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwdbwd,
                              fwd_GBps=nbytes / fwd / 1e6, peak_extra_GB=peak / 1e9,
+                             peer_peak_extra_GB_est=peer_gb, mem_vs_peer=peak / 1e9 / peer_gb,
                              speedup_fwd=(p[0] / fwd) if p else None,
                              speedup_fwd_bwd=(p[1] / fwdbwd) if p else None))
             del ins, grad_in, gout
     print(f"{'shape':24s} {'impl':9s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'fwd GB/s':>9s} "
-          f"{'peak+ GB':>9s} {'x peer fwd':>10s} {'x peer f+b':>10s}")
+          f"{'peak+ GB':>9s} {'peer GB*':>9s} {'mem/peer':>8s} {'x peer fwd':>10s} "
+          f"{'x peer f+b':>10s}")
     for r in rows:
         sf = f"{r['speedup_fwd']:.2f}" if r["speedup_fwd"] else "-"
         sb = f"{r['speedup_fwd_bwd']:.2f}" if r["speedup_fwd_bwd"] else "-"
         print(f"{r['shape']:24s} {r['impl']:9s} {r['fwd_ms']:8.3f} {r['fwd_bwd_ms']:11.3f} "
-              f"{r['fwd_GBps']:9.0f} {r['peak_extra_GB']:9.3f} {sf:>10s} {sb:>10s}")
+              f"{r['fwd_GBps']:9.0f} {r['peak_extra_GB']:9.3f} {r['peer_peak_extra_GB_est']:9.3f} "
+              f"{r['mem_vs_peer']:8.2f} {sf:>10s} {sb:>10s}")
+    print("# peer GB*: mamba_ssm's allocations for the same call, counted "
+          "(peer_peak_extra_bytes), not measured")
     # decode step: state fp32 in place, x/dt/z/B/C bf16
     steps = []
     for b in ((1,) if quick else (1, 64)):

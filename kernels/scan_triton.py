@@ -16,8 +16,8 @@ forward (segments of T steps, S of them)
     2. ``_combine_kernel``: a short sequential scan over segments giving each segment's start
        state; ``initial_state`` enters here.
     3. ``_fwd_kernel`` (WRITE_OUT=True): rerun each segment from its start state, write out,
-       ``last_state``, and the state before every K = 32 steps (checkpoints indexed by
-       position, N/8 float32 per element of u: the only activation the backward keeps besides
+       ``last_state``, and the state before every K = 64 steps (checkpoints indexed by
+       position, N/64 float32 per element of u: the only activation the backward keeps besides
        the inputs).  The (batch, dim, L, N) states never reach HBM.
 backward (its own segmentation, Tb steps x Sb: it wants more parallelism than the forward,
     whose step 1 costs a pass per extra segment; it restarts from any K-step checkpoint)
@@ -25,13 +25,15 @@ backward (its own segmentation, Tb steps x Sb: it wants more parallelism than th
        at their end (needs no h), and their ΣΔ.  Skipped when there is one segment.
     2. ``_combine_kernel`` run backwards over segments: the adjoint entering each segment's end;
        ``∂last_state`` enters here.
-    3. ``_bwd_kernel_v5`` (default): per segment, for each K-step sub-chunk from the last:
-       recompute h from its checkpoint, storing it every 4 steps into a per-program scratch
+    3. ``_bwd_kernel_v5`` (default; a persistent grid looping over (sequence, segment,
+       channel block) work items): per segment, for each K-step sub-chunk from the last:
+       recompute h from its checkpoint, storing it every 4 steps into the program's scratch
        slot (and ∂z, which needs the pre-gate y, and ∂C), then run the adjoint backwards over
        it, recomputing each 4-step chunk's states in registers.  ∂B, ∂C are reduced over the
-       BD channels in registers and written as float32 partials, summed afterwards:
-       deterministic, no atomics.  ``_bwd_kernel`` (v4, SEQLAB_SCAN_BWD=v4) stores h at every
-       step and runs a persistent grid; see NOTES.md.
+       BD channels in registers and added atomically into one float32 buffer per group
+       (SEQLAB_SCAN_DBC=partials: per-block partials summed afterwards, bitwise
+       reproducible).  ``_bwd_kernel`` (v4, SEQLAB_SCAN_BWD=v4) stores h at every step of
+       32-step sub-chunks; see NOTES.md.
 
 Layouts: ``out`` and ∂u, ∂δ, ∂z are allocated like u, δ, z: channels-last (a (batch, L, dim)
 buffer transposed, stride(1) == 1, as nn.Linear hands them over) when the input is, else
@@ -52,7 +54,18 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
-SUB_K = 32  # sub-chunk length of the backward's recompute (multiple of every segment length)
+# Checkpoint spacing K: the forward stores the state before every K-th step; the backward
+# recomputes K-step sub-chunks from them (T, Tb are multiples of K). v5 keeps h every 4 steps
+# of one sub-chunk in a per-program scratch slot of K/4 states, so K trades checkpoints
+# (batch·dim·L·N/K float32) against scratch (programs·K/4·BD·N float32): at (8, 2048, 2048)
+# K = 32 costs 67 + 25 MB, K = 64 with a persistent grid 34 + 17 MB (NOTES.md, session 7).
+# v4 stores every step of a sub-chunk, so it keeps K = 32. SEQLAB_SCAN_CKPT overrides.
+CKPT_K = {"v5": 64, "v4": 32}
+CKPT_K_CHOICES = (16, 32, 64, 128)
+# Programs per SM of v5's persistent grid (each loops over work items and owns one scratch
+# slot); 8 is what fits without a register cap. SEQLAB_SCAN_V5_PPSM=0: one program per work
+# item (the layout before session 7).
+V5_PPSM = 8
 # Segments are added until the grid has about this many programs per SM. The forward's extra
 # pass over segments 0..S-2 makes fewer segments pay there; the backward wants the parallelism.
 # H200, (8, 2048, 2048): forward 0.585 ms at 8 vs 0.639 at 16; fwd+bwd (one segmentation for
@@ -768,7 +781,8 @@ def _bwd_kernel_v5(
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     STAGES: tl.constexpr, ATOMIC_BC: tl.constexpr = False,
 ):
-    """v5 gradients: one segment per program (grid = work items, scratch slot = program id).
+    """v5 gradients: a persistent grid; each program loops over work items (one segment of
+    one channel block of one sequence) and owns one scratch slot.
 
     Per K-step sub-chunk, from the last:
       pass 1 runs h forward from the forward's checkpoint over 4-step tiles, the next tiles
@@ -783,7 +797,7 @@ def _bwd_kernel_v5(
     Compared with v4: no per-step scratch store/load (and none of its L2 latency in the adjoint),
     4-step instead of 8-step splits (v4 holds 8 steps of six inputs and outputs in registers and
     took 255 registers with spills: 8 programs per SM), ∂C moved to the recompute pass, ∂B/∂C
-    written as (NP, 4) tiles, no persistent loop.  Launched with maxnreg (plan.maxnreg).
+    written as (NP, 4) tiles.  Launched with maxnreg (plan.maxnreg).
 
     dBp, dCp: (batch, dim/BD, L, N) float32 partials (rows of N per step: the 4-step tiles are
     contiguous).  du, ddt, dz in their inputs' layouts; other outputs as :func:`_bwd_kernel`.
@@ -793,143 +807,145 @@ def _bwd_kernel_v5(
     NCH: tl.constexpr = K // CH
     TS: tl.constexpr = BD * NP
     LN2: tl.constexpr = 0.6931471805599453
-    w = tl.program_id(0)
+    pid = tl.program_id(0)
     offs_bd = tl.arange(0, BD)
     offs_n = tl.arange(0, NP)
     nmask = offs_n < N
     tile = offs_bd[:, None] * NP + offs_n[None, :]
-    hs_base = scratch_ptr + w.to(tl.int64) * (NCH * TS)
-    pid_d = w % ndb
-    s = ((w // ndb) % S).to(tl.int64)
-    i = (w // (ndb * S)).to(tl.int64)
-    row, bos, seqlen = _seq_bounds(cu_ptr, i, L, VARLEN)
-    offs_d = pid_d * BD + offs_bd
-    dmask = offs_d < dim
-    tmask = dmask[:, None] & nmask[None, :]
-    grp = (pid_d * BD) // dpg
-    A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
-    bias = _channel_vec(bias_ptr, offs_d, dmask, HAS_BIAS, BD)
-    Dv = _channel_vec(D_ptr, offs_d, dmask, HAS_D, BD)
-    od = offs_d.to(tl.int64)
-    u_base = u_ptr + row * su_b + od * su_d
-    dt_base = dt_ptr + row * sdt_b + od * sdt_d
-    z_base = z_ptr + row * sz_b + od * sz_d
-    g_base = g_ptr + row * sg_b + od * sg_d
-    du_base = du_ptr + row * sdu_b + od * sdu_d
-    dd_base = ddt_ptr + row * sdd_b + od * sdd_d
-    dz_base = dz_ptr + row * sdz_b + od * sdz_d
-    B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
-    C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
-    if ATOMIC_BC:
-        p_off = (row * (dim // dpg) + grp) * L * N  # (batch, G, L, N), shared by the group
-    else:
-        p_off = (row * ndb + pid_d) * L * N  # (batch, dim / BD, L, N), this block's own
-    dB_base = dBp_ptr + p_off
-    dC_base = dCp_ptr + p_off
-    k0 = s * T
-    ck_base = ckpt_ptr + (i * NCK + s * NSUB) * dim * N + offs_d[:, None] * N + offs_n[None, :]
-    if HAS_MU:
-        mu = tl.load(muend_ptr + i * smu_i + s * smu_s + offs_d[:, None] * smu_d
-                     + offs_n[None, :] * smu_n, mask=tmask, other=0.0)
-    else:
-        mu = tl.zeros([BD, NP], dtype=tl.float32)
-    dA_acc = tl.zeros([BD, NP], dtype=tl.float32)
-    dD_acc = tl.zeros([BD, CH], dtype=tl.float32)  # summed over time once, at the end
-    db_acc = tl.zeros([BD], dtype=tl.float32)
-    for jj in range(NSUB):
-        j = NSUB - 1 - jj
-        # ---- pass 1: h forward over the sub-chunk; ∂z, ∂C; h every CH steps into scratch
-        h = tl.load(ck_base + j * dim * N, mask=tmask, other=0.0)
-        t, valid = _pos(k0, j * NCH, CH, bos, seqlen, REVERSE)
-        nu, nraw, nB, nC, nz, ng = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l, C_base,
-                                            sC_l, z_base, sz_l, g_base, sg_l, t,
-                                            dmask[:, None] & valid[None, :],
-                                            nmask[:, None] & valid[None, :], HAS_Z)
-        for cl in range(NCH):
-            cq = j * NCH + cl
-            t, valid = _pos(k0, cq, CH, bos, seqlen, REVERSE)
-            m2 = dmask[:, None] & valid[None, :]
-            ru, rraw, rB, rC, rz, rg = nu, nraw, nB, nC, nz, ng
-            tn, vn = _pos(k0, cq + 1, CH, bos, seqlen, REVERSE)
-            vn = vn & (cl + 1 < NCH)
-            nu, nraw, nB, nC, nz, ng = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
-                                                C_base, sC_l, z_base, sz_l, g_base, sg_l, tn,
-                                                dmask[:, None] & vn[None, :],
-                                                nmask[:, None] & vn[None, :], HAS_Z)
-            tl.store(hs_base + cl * TS + tile, h)
-            u = ru.to(tl.float32)
-            delta = tl.where(m2, _delta_of(rraw.to(tl.float32), bias[:, None], HAS_BIAS,
-                                           SOFTPLUS), 0.0)
-            x = delta * u
-            g, gy, sz, zt = _gate(rg, rz, HAS_Z)
-            dD_acc += gy * u
-            d0, d1, d2, d3 = _split4(delta)
-            x0, x1, x2, x3 = _split4(x)
-            B0, B1, B2, B3 = _split4(rB.to(tl.float32))
-            C0, C1, C2, C3 = _split4(rC.to(tl.float32))
-            g0, g1, g2, g3 = _split4(gy)
-            h, y0, c0 = _p1step(h, A2, d0, x0, B0, C0, g0, HAS_Z)
-            h, y1, c1 = _p1step(h, A2, d1, x1, B1, C1, g1, HAS_Z)
-            h, y2, c2 = _p1step(h, A2, d2, x2, B2, C2, g2, HAS_Z)
-            h, y3, c3 = _p1step(h, A2, d3, x3, B3, C3, g3, HAS_Z)
-            _store_bc4(dC_base, t, valid, N, offs_n, nmask, c0, c1, c2, c3, ATOMIC_BC)
-            if HAS_Z:
-                y = _join4(y0, y1, y2, y3) + Dv[:, None] * u
-                dz = g * y * sz * (1.0 + zt * (1.0 - sz))
-                tl.store(dz_base[:, None] + t[None, :] * sdz_l, dz.to(dz_ptr.dtype.element_ty),
-                         mask=m2)
-        tl.debug_barrier()
-        # ---- pass 2: adjoint over the CH-step chunks, last first
-        for cc in range(NCH):
-            cl = NCH - 1 - cc
-            cq = j * NCH + cl
-            t, valid = _pos(k0, cq, CH, bos, seqlen, REVERSE)
-            m2 = dmask[:, None] & valid[None, :]
-            # no prefetch here: pass 1 has just brought these lines into L1/L2
-            ru, rraw, rB, rC, rz, rg = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
-                                                C_base, sC_l, z_base, sz_l, g_base, sg_l, t, m2,
+    hs_base = scratch_ptr + pid.to(tl.int64) * (NCH * TS)
+    nprog = tl.num_programs(0)
+    for w in range(pid, n_work, nprog):
+        pid_d = w % ndb
+        s = ((w // ndb) % S).to(tl.int64)
+        i = (w // (ndb * S)).to(tl.int64)
+        row, bos, seqlen = _seq_bounds(cu_ptr, i, L, VARLEN)
+        offs_d = pid_d * BD + offs_bd
+        dmask = offs_d < dim
+        tmask = dmask[:, None] & nmask[None, :]
+        grp = (pid_d * BD) // dpg
+        A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
+        bias = _channel_vec(bias_ptr, offs_d, dmask, HAS_BIAS, BD)
+        Dv = _channel_vec(D_ptr, offs_d, dmask, HAS_D, BD)
+        od = offs_d.to(tl.int64)
+        u_base = u_ptr + row * su_b + od * su_d
+        dt_base = dt_ptr + row * sdt_b + od * sdt_d
+        z_base = z_ptr + row * sz_b + od * sz_d
+        g_base = g_ptr + row * sg_b + od * sg_d
+        du_base = du_ptr + row * sdu_b + od * sdu_d
+        dd_base = ddt_ptr + row * sdd_b + od * sdd_d
+        dz_base = dz_ptr + row * sdz_b + od * sdz_d
+        B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
+        C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
+        if ATOMIC_BC:
+            p_off = (row * (dim // dpg) + grp) * L * N  # (batch, G, L, N), shared by the group
+        else:
+            p_off = (row * ndb + pid_d) * L * N  # (batch, dim / BD, L, N), this block's own
+        dB_base = dBp_ptr + p_off
+        dC_base = dCp_ptr + p_off
+        k0 = s * T
+        ck_base = ckpt_ptr + (i * NCK + s * NSUB) * dim * N + offs_d[:, None] * N + offs_n[None, :]
+        if HAS_MU:
+            mu = tl.load(muend_ptr + i * smu_i + s * smu_s + offs_d[:, None] * smu_d
+                         + offs_n[None, :] * smu_n, mask=tmask, other=0.0)
+        else:
+            mu = tl.zeros([BD, NP], dtype=tl.float32)
+        dA_acc = tl.zeros([BD, NP], dtype=tl.float32)
+        dD_acc = tl.zeros([BD, CH], dtype=tl.float32)  # summed over time once, at the end
+        db_acc = tl.zeros([BD], dtype=tl.float32)
+        for jj in range(NSUB):
+            j = NSUB - 1 - jj
+            # ---- pass 1: h forward over the sub-chunk; ∂z, ∂C; h every CH steps into scratch
+            h = tl.load(ck_base + j * dim * N, mask=tmask, other=0.0)
+            t, valid = _pos(k0, j * NCH, CH, bos, seqlen, REVERSE)
+            nu, nraw, nB, nC, nz, ng = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l, C_base,
+                                                sC_l, z_base, sz_l, g_base, sg_l, t,
+                                                dmask[:, None] & valid[None, :],
                                                 nmask[:, None] & valid[None, :], HAS_Z)
-            s0 = tl.load(hs_base + cl * TS + tile)
-            u = ru.to(tl.float32)
-            raw = rraw.to(tl.float32)
-            delta = tl.where(m2, _delta_of(raw, bias[:, None], HAS_BIAS, SOFTPLUS), 0.0)
-            x = delta * u
-            g, gy, sz, zt = _gate(rg, rz, HAS_Z)
-            d0, d1, d2, d3 = _split4(delta)
-            x0, x1, x2, x3 = _split4(x)
-            B0, B1, B2, B3 = _split4(rB.to(tl.float32))
-            C0, C1, C2, C3 = _split4(rC.to(tl.float32))
-            g0, g1, g2, g3 = _split4(gy)
-            # the states before steps 1..3 of the chunk, in registers
-            s1 = _fstep(s0, A2, d0, x0, B0)
-            s2 = _fstep(s1, A2, d1, x1, B1)
-            s3 = _fstep(s2, A2, d2, x2, B2)
-            mu, dA_acc, l3, e3, b3 = _p2step(mu, dA_acc, s3, A2, d3, x3, B3, C3, g3)
-            mu, dA_acc, l2, e2, b2 = _p2step(mu, dA_acc, s2, A2, d2, x2, B2, C2, g2)
-            mu, dA_acc, l1, e1, b1 = _p2step(mu, dA_acc, s1, A2, d1, x1, B1, C1, g1)
-            mu, dA_acc, l0, e0, b0 = _p2step(mu, dA_acc, s0, A2, d0, x0, B0, C0, g0)
-            _store_bc4(dB_base, t, valid, N, offs_n, nmask, b0, b1, b2, b3, ATOMIC_BC)
-            lb = _join4(l0, l1, l2, l3)
-            ddelta = lb * u + LN2 * _join4(e0, e1, e2, e3)
-            if SOFTPLUS:
-                pre = raw
-                if HAS_BIAS:
-                    pre = raw + bias[:, None]
-                ddelta = ddelta * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre))
-            ddelta = tl.where(m2, ddelta, 0.0)
-            db_acc += tl.sum(ddelta, axis=1)
-            du = lb * delta + gy * Dv[:, None]
-            tl.store(du_base[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty),
-                     mask=m2)
-            tl.store(dd_base[:, None] + t[None, :] * sdd_l,
-                     ddelta.to(ddt_ptr.dtype.element_ty), mask=m2)
-        tl.debug_barrier()
-    pofs = (i * S + s) * dim
-    tl.store(dAp_ptr + pofs * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=tmask)
-    tl.store(dDp_ptr + pofs + offs_d, tl.sum(dD_acc, axis=1), mask=dmask)
-    tl.store(dbp_ptr + pofs + offs_d, db_acc, mask=dmask)
-    if s == 0:
-        tl.store(dinit_ptr + i * dim * N + offs_d[:, None] * N + offs_n[None, :], mu, mask=tmask)
+            for cl in range(NCH):
+                cq = j * NCH + cl
+                t, valid = _pos(k0, cq, CH, bos, seqlen, REVERSE)
+                m2 = dmask[:, None] & valid[None, :]
+                ru, rraw, rB, rC, rz, rg = nu, nraw, nB, nC, nz, ng
+                tn, vn = _pos(k0, cq + 1, CH, bos, seqlen, REVERSE)
+                vn = vn & (cl + 1 < NCH)
+                nu, nraw, nB, nC, nz, ng = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
+                                                    C_base, sC_l, z_base, sz_l, g_base, sg_l, tn,
+                                                    dmask[:, None] & vn[None, :],
+                                                    nmask[:, None] & vn[None, :], HAS_Z)
+                tl.store(hs_base + cl * TS + tile, h)
+                u = ru.to(tl.float32)
+                delta = tl.where(m2, _delta_of(rraw.to(tl.float32), bias[:, None], HAS_BIAS,
+                                               SOFTPLUS), 0.0)
+                x = delta * u
+                g, gy, sz, zt = _gate(rg, rz, HAS_Z)
+                dD_acc += gy * u
+                d0, d1, d2, d3 = _split4(delta)
+                x0, x1, x2, x3 = _split4(x)
+                B0, B1, B2, B3 = _split4(rB.to(tl.float32))
+                C0, C1, C2, C3 = _split4(rC.to(tl.float32))
+                g0, g1, g2, g3 = _split4(gy)
+                h, y0, c0 = _p1step(h, A2, d0, x0, B0, C0, g0, HAS_Z)
+                h, y1, c1 = _p1step(h, A2, d1, x1, B1, C1, g1, HAS_Z)
+                h, y2, c2 = _p1step(h, A2, d2, x2, B2, C2, g2, HAS_Z)
+                h, y3, c3 = _p1step(h, A2, d3, x3, B3, C3, g3, HAS_Z)
+                _store_bc4(dC_base, t, valid, N, offs_n, nmask, c0, c1, c2, c3, ATOMIC_BC)
+                if HAS_Z:
+                    y = _join4(y0, y1, y2, y3) + Dv[:, None] * u
+                    dz = g * y * sz * (1.0 + zt * (1.0 - sz))
+                    tl.store(dz_base[:, None] + t[None, :] * sdz_l, dz.to(dz_ptr.dtype.element_ty),
+                             mask=m2)
+            tl.debug_barrier()
+            # ---- pass 2: adjoint over the CH-step chunks, last first
+            for cc in range(NCH):
+                cl = NCH - 1 - cc
+                cq = j * NCH + cl
+                t, valid = _pos(k0, cq, CH, bos, seqlen, REVERSE)
+                m2 = dmask[:, None] & valid[None, :]
+                # no prefetch here: pass 1 has just brought these lines into L1/L2
+                ru, rraw, rB, rC, rz, rg = _raw_bwd(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
+                                                    C_base, sC_l, z_base, sz_l, g_base, sg_l, t, m2,
+                                                    nmask[:, None] & valid[None, :], HAS_Z)
+                s0 = tl.load(hs_base + cl * TS + tile)
+                u = ru.to(tl.float32)
+                raw = rraw.to(tl.float32)
+                delta = tl.where(m2, _delta_of(raw, bias[:, None], HAS_BIAS, SOFTPLUS), 0.0)
+                x = delta * u
+                g, gy, sz, zt = _gate(rg, rz, HAS_Z)
+                d0, d1, d2, d3 = _split4(delta)
+                x0, x1, x2, x3 = _split4(x)
+                B0, B1, B2, B3 = _split4(rB.to(tl.float32))
+                C0, C1, C2, C3 = _split4(rC.to(tl.float32))
+                g0, g1, g2, g3 = _split4(gy)
+                # the states before steps 1..3 of the chunk, in registers
+                s1 = _fstep(s0, A2, d0, x0, B0)
+                s2 = _fstep(s1, A2, d1, x1, B1)
+                s3 = _fstep(s2, A2, d2, x2, B2)
+                mu, dA_acc, l3, e3, b3 = _p2step(mu, dA_acc, s3, A2, d3, x3, B3, C3, g3)
+                mu, dA_acc, l2, e2, b2 = _p2step(mu, dA_acc, s2, A2, d2, x2, B2, C2, g2)
+                mu, dA_acc, l1, e1, b1 = _p2step(mu, dA_acc, s1, A2, d1, x1, B1, C1, g1)
+                mu, dA_acc, l0, e0, b0 = _p2step(mu, dA_acc, s0, A2, d0, x0, B0, C0, g0)
+                _store_bc4(dB_base, t, valid, N, offs_n, nmask, b0, b1, b2, b3, ATOMIC_BC)
+                lb = _join4(l0, l1, l2, l3)
+                ddelta = lb * u + LN2 * _join4(e0, e1, e2, e3)
+                if SOFTPLUS:
+                    pre = raw
+                    if HAS_BIAS:
+                        pre = raw + bias[:, None]
+                    ddelta = ddelta * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre))
+                ddelta = tl.where(m2, ddelta, 0.0)
+                db_acc += tl.sum(ddelta, axis=1)
+                du = lb * delta + gy * Dv[:, None]
+                tl.store(du_base[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty),
+                         mask=m2)
+                tl.store(dd_base[:, None] + t[None, :] * sdd_l,
+                         ddelta.to(ddt_ptr.dtype.element_ty), mask=m2)
+            tl.debug_barrier()
+        pofs = (i * S + s) * dim
+        tl.store(dAp_ptr + pofs * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=tmask)
+        tl.store(dDp_ptr + pofs + offs_d, tl.sum(dD_acc, axis=1), mask=dmask)
+        tl.store(dbp_ptr + pofs + offs_d, db_acc, mask=dmask)
+        if s == 0:
+            tl.store(dinit_ptr + i * dim * N + offs_d[:, None] * N + offs_n[None, :], mu, mask=tmask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -997,29 +1013,33 @@ class _Plan:
         # Forward and backward split the length into segments independently: (T, S) and
         # (Tb, Sb). The checkpoints are indexed by position (entry p / K holds the state before
         # step p), so the backward can restart anywhere on a K-step boundary.
-        n_sm = _n_sm(u.device)
-        self.T, self.S = self._segments(_env_int("SEQLAB_SCAN_PPSM_FWD", PROGRAMS_PER_SM_FWD), n_sm)
-        self.Tb, self.Sb = self._segments(_env_int("SEQLAB_SCAN_PPSM_BWD", PROGRAMS_PER_SM_BWD),
-                                          n_sm)
-        self.NCK = triton.cdiv(max(self.S * self.T, self.Sb * self.Tb), SUB_K)
-        self.stages = 1  # tl.range pipelining of the backward's loops: 2 measured ~4% faster once
-        self.num_warps = 1  # 1 warp per program measured faster than 2 or 4 (NOTES.md)
         self.bwd = os.environ.get("SEQLAB_SCAN_BWD", "").strip().lower() or DEFAULT_BWD
         if self.bwd not in BWD_VARIANTS:
             raise ValueError(f"SEQLAB_SCAN_BWD={self.bwd!r}: expected one of {BWD_VARIANTS}")
+        self.K = _env_int("SEQLAB_SCAN_CKPT", CKPT_K[self.bwd])
+        if self.K not in CKPT_K_CHOICES:
+            raise ValueError(f"SEQLAB_SCAN_CKPT={self.K}: expected one of {CKPT_K_CHOICES}")
+        n_sm = _n_sm(u.device)
+        self.v5_programs = _env_int("SEQLAB_SCAN_V5_PPSM", V5_PPSM) * n_sm
+        self.T, self.S = self._segments(_env_int("SEQLAB_SCAN_PPSM_FWD", PROGRAMS_PER_SM_FWD), n_sm)
+        self.Tb, self.Sb = self._segments(_env_int("SEQLAB_SCAN_PPSM_BWD", PROGRAMS_PER_SM_BWD),
+                                          n_sm)
+        self.NCK = triton.cdiv(max(self.S * self.T, self.Sb * self.Tb), self.K)
+        self.stages = 1  # tl.range pipelining of the backward's loops: 2 measured ~4% faster once
+        self.num_warps = 1  # 1 warp per program measured faster than 2 or 4 (NOTES.md)
         self.maxnreg = _env_int("SEQLAB_SCAN_MAXNREG", V5_MAXNREG)
         self.dbc = _dbc_mode(self.bwd)
 
     def _segments(self, ppsm: int, n_sm: int) -> tuple[int, int]:
         """(segment length T, count S): enough segments to give every SM about ``ppsm``
         programs, each at least 64 steps long (segments cost a second pass over them) and at
-        most 1024 (bounds the checkpoint count per segment); T a multiple of SUB_K."""
+        most 1024 (bounds the checkpoint count per segment); T a multiple of K."""
         rows = self.nseq * self.ndb
         seg = triton.cdiv(self.maxlen, max(1, triton.cdiv(ppsm * n_sm, rows)))
         seg = min(max(seg, 64), 1024)
         if self.maxlen <= 64:
             seg = self.maxlen
-        T = triton.cdiv(seg, SUB_K) * SUB_K
+        T = triton.cdiv(seg, self.K) * self.K
         return T, triton.cdiv(self.maxlen, T)
 
 
@@ -1042,7 +1062,7 @@ def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, re
     last = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
     zz = z if z is not None else u
     dummy = A2
-    common = dict(T=plan.T, K=SUB_K, HAS_D=D is not None, HAS_Z=z is not None,
+    common = dict(T=plan.T, K=plan.K, HAS_D=D is not None, HAS_Z=z is not None,
                   HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse,
                   VARLEN=cu is not None, BD=plan.BD, NP=plan.NP, num_warps=plan.num_warps)
     grid = (plan.ndb, S, nseq)
@@ -1052,8 +1072,8 @@ def _forward(plan: _Plan, u, delta, A2, B, C, D, z, delta_bias, softplus, h0, re
                cu if cu is not None else dummy)
     strides = (*u.stride(), *delta.stride(), *zz.stride(), *out.stride(), *sB, *sC)
     ckpt = _empty(nseq, plan.NCK, dim, N, dtype=torch.float32, device=dev)
-    if plan.NCK > S * plan.T // SUB_K:
-        ckpt[:, S * plan.T // SUB_K:].zero_()
+    if plan.NCK > S * plan.T // plan.K:
+        ckpt[:, S * plan.T // plan.K:].zero_()
     if S == 1:
         dsum = None
         st = h0 if h0 is not None else dummy
@@ -1108,6 +1128,7 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
         _combine_kernel[(triton.cdiv(dim * N, BLK), nseq)](
             muloc, dsum, A2, dlast if dlast is not None else dummy, muend, S,
             dim * N, N, HAS_INIT=dlast is not None, BACKWARD=True, BLK=BLK)
+        del muloc, dsum  # not needed past the combine: off the main kernel's peak
         smu, has_mu = muend.stride(), True
     du, ddelta = _empty_as(u), _empty_as(delta)
     dz = None if z is None else (dz_out if dz_out is not None else _empty_as(z))
@@ -1131,13 +1152,15 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
     dinit = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
     n_work = nseq * S * plan.ndb
     if v5:
-        # one program per work item; its scratch slot holds h every 4 steps of one sub-chunk
-        nprog, kernel, slot = n_work, _bwd_kernel_v5, SUB_K // 4
+        # a persistent grid: each program loops over work items and keeps one scratch slot
+        # (h every 4 steps of the current sub-chunk); SEQLAB_SCAN_V5_PPSM=0: one per item
+        nprog = min(n_work, plan.v5_programs) if plan.v5_programs > 0 else n_work
+        kernel, slot = _bwd_kernel_v5, plan.K // 4
         if plan.maxnreg:
             flags["maxnreg"] = plan.maxnreg
         flags["ATOMIC_BC"] = atomic
     else:
-        nprog, kernel, slot = min(n_work, 16 * _n_sm(dev)), _bwd_kernel, SUB_K
+        nprog, kernel, slot = min(n_work, 16 * _n_sm(dev)), _bwd_kernel, plan.K
     scratch = _empty(nprog, slot, BD, NP, dtype=torch.float32, device=dev)
     kernel[(nprog,)](
         u, delta, zz, B, C, A2, D if D is not None else dummy, biasv, cuv, g,
@@ -1145,7 +1168,7 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
         dinit, L, dim, N, plan.dpg, S, n_work, plan.ndb, plan.NCK,
         *u.stride(), *delta.stride(), *zz.stride(), *g.stride(), *sB, *sC, *smu,
         *du.stride(), *ddelta.stride(), *(dz if dz is not None else du).stride(),
-        T=T, K=SUB_K, HAS_MU=has_mu, HAS_D=D is not None, **flags)
+        T=T, K=plan.K, HAS_MU=has_mu, HAS_D=D is not None, **flags)
     G = plan.groups
     if atomic:
         dB, dC = dBp.transpose(-1, -2), dCp.transpose(-1, -2)

@@ -227,6 +227,36 @@ def test_atomic_dbc_needs_v5(monkeypatch):
         selective_scan(**case, impl="triton")
 
 
+@pytest.mark.parametrize("ckpt,ppsm", [(k, 1) for k in scan_triton.CKPT_K_CHOICES] + [(64, 0)])
+def test_v5_checkpoint_spacing_and_persistent_grid(ckpt, ppsm, monkeypatch):
+    """Every checkpoint spacing K gives the reference's gradients, with a persistent grid of
+    fewer programs than work items (ppsm 1: 4 programs loop over 16 items, each reusing its one
+    scratch slot) and with one program per item (ppsm 0), over segments and packed sequences."""
+    monkeypatch.setattr(scan_triton, "_n_sm", lambda device: 4)
+    monkeypatch.setenv("SEQLAB_SCAN_BWD", "v5")
+    monkeypatch.setenv("SEQLAB_SCAN_CKPT", str(ckpt))
+    monkeypatch.setenv("SEQLAB_SCAN_V5_PPSM", str(ppsm))
+    monkeypatch.setenv("SEQLAB_SCAN_PPSM_BWD", "8")
+    cu = [0, 70, 77, 300]
+    case, nseq = make_case(1, 16, 300, 4, torch.float32, cu=cu)
+    plan = scan_triton._Plan(case["u"], case["A"], case["B"], torch.tensor(cu))
+    assert plan.K == ckpt and plan.Tb % ckpt == 0 and plan.T % ckpt == 0
+    n_work = plan.nseq * plan.Sb * plan.ndb
+    assert n_work > 4 * max(ppsm, 1), vars(plan)  # the persistent programs take several items
+    check(case, nseq, torch.float32, reverse=True, cu=cu)
+
+
+def test_checkpoint_spacing_defaults_and_refusal(monkeypatch):
+    case, _ = make_case(1, 4, 8, 2, torch.float32)
+    monkeypatch.delenv("SEQLAB_SCAN_CKPT", raising=False)
+    for variant, k in scan_triton.CKPT_K.items():
+        monkeypatch.setenv("SEQLAB_SCAN_BWD", variant)
+        assert scan_triton._Plan(case["u"], case["A"], case["B"], None).K == k
+    monkeypatch.setenv("SEQLAB_SCAN_CKPT", "48")
+    with pytest.raises(ValueError, match="SEQLAB_SCAN_CKPT=48"):
+        selective_scan(**case, impl="triton")
+
+
 def test_padded_segment_tail_keeps_state():
     """Output of a 3-segment scan equals the reference's when L is not a segment multiple, also
     through the forward-only path (no gradients) with return_last_state off."""
