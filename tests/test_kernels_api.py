@@ -179,3 +179,19 @@ def test_state_update_equals_scan_positions(groups, full, rng_seed):
     assert state.data_ptr() == ptr  # in place
     torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
     assert last_impl("selective_state_update") == "torch"
+
+
+def test_peer_memory_count_lists_the_peers_tensors():
+    """The bench's count of mamba_ssm's forward+backward allocations (the anchors carry no peer
+    memory) equals the tensors its selective_scan_fn allocates with z and variable B/C: out,
+    out_z, du, ddelta, dz in u's dtype; float32 chunk states x (b, d, ceil(L/2048), 2N); float32
+    dB, dC; dA, dD, ddelta_bias."""
+    from seqlab.kernels.bench import peer_peak_extra_bytes
+
+    b, d, L, N = 2, 8, 4100, 4
+    meta = dict(device="meta")
+    tensors = [torch.empty(b, d, L, dtype=torch.bfloat16, **meta) for _ in range(5)]
+    tensors += [torch.empty(b, d, 3, 2 * N, **meta),  # 4100 steps: 3 chunks of 2048
+                torch.empty(b, N, L, **meta), torch.empty(b, N, L, **meta),
+                torch.empty(d, N, **meta), torch.empty(d, **meta), torch.empty(d, **meta)]
+    assert peer_peak_extra_bytes(b, d, L, N) == sum(t.numel() * t.element_size() for t in tensors)
