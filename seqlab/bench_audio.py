@@ -99,7 +99,7 @@ def run(args) -> list[dict]:
     if device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32  # CPU decoding in low precision is slower, not faster
     pf = tuple(int(f) for f in args.pool_factors.split(",") if f) if args.pool_factors else ()
-    graphs = device.type == "cuda" and not pf  # the multi-scale step is not graph-captured
+    graphs = device.type == "cuda"  # multi-scale: one graph per starting phase
     if pf and t_len % math.prod(pf):
         t_len -= t_len % math.prod(pf)  # the multi-scale model needs L divisible by the pooling
     model = build(d_model, n_layer, device, dtype, pf, args.pool_expand)

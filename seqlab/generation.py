@@ -12,9 +12,17 @@ decoding loop. Tokens are decoded in chunks of ``CHUNK`` steps; on CUDA a chunk 
 picks, token writes) is one CUDA graph, captured once per (model, batch, sampling settings)
 and reused by later calls, which removes the per-kernel launch overhead that dominates
 small-batch decoding.
+
+A multi-scale model (``config.pool_factors``) steps its coarser levels only at some positions:
+which ones depends on the position modulo the product of the pool factors (its period). Its
+chunks are a whole number of periods long, so every chunk of a call starts at the same phase,
+and a graph is captured per starting phase (the prompt length modulo the period) the first time
+it is needed; the decoder tells the step each position (``MultiScaleCache.t_hint``), so the
+step never reads the position back from the GPU.
 """
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from collections import OrderedDict
@@ -79,9 +87,16 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     return pick(logits, noise, temperature, top_k, top_p)
 
 
+def decode_period(model: nn.Module) -> int:
+    """Positions after which a model's decoding step repeats its structure: the product of the
+    pool factors of a multi-scale model, 1 for a flat one."""
+    factors = getattr(getattr(model, "config", None), "pool_factors", None) or []
+    return math.prod(int(p) for p in factors)
+
+
 class _Decoder:
-    """Fixed buffers (cache, current ids, noise, chunk output) and, on CUDA, the CUDA graph of
-    ``CHUNK`` decoding steps over them."""
+    """Fixed buffers (cache, current ids, noise, chunk output) and, on CUDA, the CUDA graphs of
+    one chunk of decoding steps over them (one per starting phase; a flat model has one)."""
 
     def __init__(self, model: nn.Module, batch: int, dtype, device, vocab: int,
                  temperature: float, top_k: int, top_p: float, cuda_graph: bool):
@@ -89,34 +104,46 @@ class _Decoder:
         # would keep every model that ever generated alive.
         self._model, self.vocab = weakref.ref(model), vocab
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.period = decode_period(model)
+        self.multiscale = self.period > 1 or bool(getattr(model.config, "pool_factors", None))
+        self.steps = -(-CHUNK // self.period) * self.period  # whole periods per chunk
         self.cache = model.allocate_cache(batch, dtype)
+        self.pos = 0  # positions the cache has taken (set by generate() after the prefill)
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
-        self.out = torch.zeros(batch, CHUNK, dtype=torch.long, device=device)
+        self.out = torch.zeros(batch, self.steps, dtype=torch.long, device=device)
         self.noise = None if _greedy(temperature, top_k) else \
-            torch.zeros(CHUNK, batch, vocab, dtype=torch.float32, device=device)
+            torch.zeros(self.steps, batch, vocab, dtype=torch.float32, device=device)
         # One launch per pick on CUDA when no top-k / top-p masking is asked for.
         self.fused_pick = device.type == "cuda" and top_k == 0 and top_p >= 1.0
-        self.graph = None
-        if cuda_graph:
-            from seqlab.model.decode import graph_decoding
-            saved = [t.clone() for layer in self.cache for t in layer]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), graph_decoding():
-                self._steps()  # compiles the kernels; advances the cache (restored below)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), graph_decoding():
-                self._steps()
-            for dst, src in zip((t for layer in self.cache for t in layer), saved):
-                dst.copy_(src)
+        self.cuda_graph = cuda_graph
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # starting phase -> graph
 
-    def _steps(self, n: int = CHUNK):
+    def _capture(self, phase: int) -> "torch.cuda.CUDAGraph":
+        """Capture one chunk starting at ``phase``. The warm-up run (it compiles the kernels)
+        advances the cache and the current ids, so both are restored afterwards."""
+        from seqlab.model.decode import graph_decoding
+        state = [t for layer in self.cache for t in layer] + [self.ids]
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), graph_decoding():
+            self._steps(self.steps, phase)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), graph_decoding():
+            self._steps(self.steps, phase)
+        for dst, src in zip(state, saved):
+            dst.copy_(src)
+        return graph
+
+    def _steps(self, n: int, phase: int):
         model = self._model()
         if self.fused_pick:  # CUDA only: the imports need Triton
             from seqlab.kernels.mixer_step_triton import pick_step
             from seqlab.model.decode import step_and_pick
         for s in range(n):
+            if self.multiscale:
+                self.cache.t_hint = (phase + s) % self.period
             noise = None if self.noise is None else self.noise[s]
             inv = 1.0 if self.noise is None else 1.0 / self.temperature
             if self.fused_pick and step_and_pick(model, self.ids, self.cache, noise, inv,
@@ -134,16 +161,24 @@ class _Decoder:
         for layer in self.cache:
             for t in layer:
                 t.zero_()
+        self.pos = 0
 
-    def chunk(self, gen: torch.Generator, n: int = CHUNK) -> Tensor:
-        """Advance n <= CHUNK steps from self.ids (a graph always runs CHUNK) and return the
-        (batch, CHUNK) picked ids, of which the first n are valid (a view, reused)."""
+    def chunk(self, gen: torch.Generator, n: int | None = None) -> Tensor:
+        """Advance n <= self.steps steps from self.ids (a graph always runs self.steps) and
+        return the (batch, self.steps) picked ids, of which the first n are valid (a view,
+        reused)."""
+        n = self.steps if n is None else n
+        phase = self.pos % self.period
+        if self.cuda_graph and phase not in self.graphs:
+            self.graphs[phase] = self._capture(phase)
         if self.noise is not None:
             self.noise.copy_(gumbel_noise(self.noise.shape, gen, self.noise.device))
-        if self.graph is not None:
-            self.graph.replay()
+        if self.cuda_graph:
+            self.graphs[phase].replay()
+            self.pos += self.steps
         else:
-            self._steps(n)
+            self._steps(n, phase)
+            self.pos += n
         return self.out
 
 
@@ -192,16 +227,10 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
     if temperature < 0:
         raise ValueError(f"generate: temperature={temperature} must be >= 0")
     device = prompt_ids.device
-    # A multi-scale (pool_factors) model decides per position which levels step, on the
-    # host, so its step cannot be captured as a CUDA graph.
-    multiscale = bool(getattr(getattr(model, "config", None), "pool_factors", None))
     if cuda_graph == "auto":
-        cuda_graph = device.type == "cuda" and not multiscale
+        cuda_graph = device.type == "cuda"
     elif cuda_graph and device.type != "cuda":
         raise ValueError(f"generate: cuda_graph=True needs CUDA tensors, prompt is on {device}")
-    elif cuda_graph and multiscale:
-        raise ValueError("generate: cuda_graph=True is not available for multi-scale models "
-                         f"(config.pool_factors={model.config.pool_factors}); use 'auto' or False")
 
     model.eval()
     batch, P = prompt_ids.shape
@@ -225,6 +254,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
     dec.reset()
     # The first new id comes from the prefill's last logits; the rest from chunks of steps.
     logits = model(prompt_ids, cache=dec.cache)[:, -1, :vocab]
+    dec.pos = P
     noise = None if _greedy(temperature, top_k) else gumbel_noise(logits.shape, gen, device)
     first = pick(logits, noise, temperature, top_k, top_p)
     out[:, P] = first
@@ -232,7 +262,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
     bar.update(1)
     done = 1
     while done < max_new_tokens:
-        n = min(CHUNK, max_new_tokens - done)
+        n = min(dec.steps, max_new_tokens - done)
         out[:, P + done:P + done + n] = dec.chunk(gen, n)[:, :n]
         done += n
         bar.update(n)

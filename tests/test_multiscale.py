@@ -170,10 +170,62 @@ def test_train_audio_sashimi_end_to_end(tmp_path):
     assert len(gen["wavs"]) == 1
 
 
-def test_generate_refuses_cuda_graph_for_multiscale():
-    from seqlab.generation import generate
-    from seqlab.model import MambaConfig, MambaLM
-    m = MambaLM(MambaConfig(d_model=16, n_layer=1, d_state=4, vocab_size=256, pool_factors=[2],
-                            scan_impl="torch"))
-    with pytest.raises(ValueError, match="CUDA|pool_factors"):
+def test_generate_cuda_graph_needs_cuda():
+    m = MambaLM(ms_config(pool_factors=[2], n_layer=1))
+    with pytest.raises(ValueError, match="CUDA"):
         generate(m, torch.zeros(1, 1, dtype=torch.long), 2, cuda_graph=True)
+
+
+@pytest.mark.parametrize("pool_factors", [[2, 2], [3, 2]])
+def test_position_hint_equals_reading_the_position(pool_factors):
+    """A step told its position modulo prod(pool_factors) (what generate() does, and what a
+    CUDA graph needs) leaves the cache and returns the logits of a step that reads ``pos``."""
+    torch.manual_seed(3)
+    m = MambaLM(ms_config(pool_factors=pool_factors)).eval()
+    period = 1
+    for p in pool_factors:
+        period *= p
+    ids = torch.randint(0, 256, (2, 3 * period + 2))
+    with torch.no_grad():
+        read, hinted = m.allocate_cache(2), m.allocate_cache(2)
+        for t in range(ids.shape[1]):
+            a = m.step(ids[:, t], read)
+            hinted.t_hint = t % period
+            b = m.step(ids[:, t], hinted)
+            assert hinted.t_hint is None  # used once
+            assert torch.equal(a, b), t
+    for x, y in zip((t for e in read for t in e), (t for e in hinted for t in e)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("pool_factors,P", [([2, 2], 1), ([2, 2], 3), ([3, 2], 5)])
+def test_greedy_generation_equals_full_forward(pool_factors, P):
+    """generate() over several chunks (whole periods long: 16 steps for [2, 2], 18 for [3, 2])
+    from prompts of different phases equals argmax decoding with the full forward."""
+    from seqlab.generation import _DECODERS
+    torch.manual_seed(4)
+    m = MambaLM(ms_config(pool_factors=pool_factors)).double().eval()
+    prompt = torch.randint(0, 256, (2, P))
+    out = generate(m, prompt, 40, temperature=0)
+    assert next(iter(_DECODERS[m].values())).steps == (16 if pool_factors == [2, 2] else 18)
+    with torch.no_grad():
+        logits = m(out)[:, P - 1:-1, :256]
+    assert torch.equal(out[:, P:], logits.argmax(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("how", [dict(temperature=0.0), dict(temperature=1.0)])
+def test_cuda_graph_generation_equals_eager(how):
+    """One graph per starting phase (prompts of 1 and 3 positions: phases 1 and 3 of 4),
+    captured lazily and replayed; samples equal the eager decoder's for the same seed."""
+    from seqlab.generation import _DECODERS
+    torch.manual_seed(5)
+    m = MambaLM(ms_config(pool_factors=[2, 2], scan_impl="auto", d_model=32), device="cuda")
+    for P in (1, 3, 1):
+        prompt = torch.randint(0, 256, (2, P), device="cuda")
+        eager = generate(m, prompt, 50, seed=11, cuda_graph=False, **how)
+        graphed = generate(m, prompt, 50, seed=11, cuda_graph=True, **how)
+        assert torch.equal(eager, graphed), P
+    graphed_decoders = [d for d in _DECODERS[m].values() if d.cuda_graph]
+    assert sorted(graphed_decoders[0].graphs) == [1, 3]

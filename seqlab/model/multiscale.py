@@ -34,8 +34,10 @@ window then holds exactly inputs t-p+1 .. t). The cache is a list of tuples of t
 zeroing every tensor (what ``seqlab.generation`` does on reset) restarts it. A prefill with a
 cache (``forward(ids, cache=cache)``) runs :meth:`step` over the prompt, token by token, so it
 leaves the cache exactly as stepping would (prompts are short; the step is O(1) per token).
-The step reads the position with ``.item()``, so it cannot be captured in a CUDA graph:
-generate() therefore decodes it without CUDA graphs ("auto" turns them off).
+Which levels step depends only on the position modulo prod(pool_factors). The step reads the
+position from ``pos`` with ``.item()`` unless the caller sets ``cache.t_hint`` (the position,
+or that remainder) for the next step: generate() does, and captures one CUDA graph per
+starting remainder (see :mod:`seqlab.generation`); a capture without the hint is refused.
 """
 from __future__ import annotations
 
@@ -114,6 +116,8 @@ class MultiScaleCache(list):
     then (window_i, pending_i) per level, then (pos,)), so generic code can clone or zero it.
     Structured access: ``down[i][j]``, ``center[j]``, ``up[i][j]`` (block caches),
     ``window[i]``, ``pending[i]`` and ``pos`` (a (1,) long tensor: fine steps taken).
+    ``t_hint``: None, or the next step's position (or that position modulo prod(pool_factors))
+    set by a caller that tracks it on the host; :func:`step` uses and clears it.
     """
 
     def __init__(self, down, center, up, window, pending, pos):
@@ -122,6 +126,7 @@ class MultiScaleCache(list):
         super().__init__(entries)
         self.down, self.center, self.up = down, center, up
         self.window, self.pending, self.pos = window, pending, pos
+        self.t_hint: int | None = None
 
 
 def build(bb: nn.Module, config: MambaConfig, device=None, dtype=None) -> int:
@@ -204,10 +209,13 @@ def step(bb, ids_t: Tensor, cache: MultiScaleCache) -> Tensor:
     """ids_t (B,) -> hidden (B, d_model); advances the cache by one fine step."""
     if not isinstance(cache, MultiScaleCache):
         raise ValueError("multi-scale backbone: the cache must come from allocate_cache()")
-    if ids_t.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("multi-scale backbone (pool_factors): the step branches on the position "
-                           "and cannot be captured in a CUDA graph; generate with cuda_graph=False")
-    t = int(cache.pos.item())
+    t, cache.t_hint = cache.t_hint, None
+    if t is None:
+        if ids_t.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("multi-scale backbone (pool_factors): the step branches on the "
+                               "position; to capture it in a CUDA graph set cache.t_hint to the "
+                               "step's position before each step (generate() does)")
+        t = int(cache.pos.item())
     y = _step_level(bb, cache, 0, bb.embedding(ids_t), t)
     cache.pos.add_(1)
     return bb.norm_f(y.to(bb._out_dtype()))
