@@ -25,15 +25,14 @@ backward (its own segmentation, Tb steps x Sb: it wants more parallelism than th
        at their end (needs no h), and their ΣΔ.  Skipped when there is one segment.
     2. ``_combine_kernel`` run backwards over segments: the adjoint entering each segment's end;
        ``∂last_state`` enters here.
-    3. ``_bwd_kernel_v5`` (default; a persistent grid looping over (sequence, segment,
-       channel block) work items): per segment, for each K-step sub-chunk from the last:
+    3. ``_bwd_kernel`` (a persistent grid looping over (sequence, segment, channel block)
+       work items; "v5" in NOTES.md): per segment, for each K-step sub-chunk from the last:
        recompute h from its checkpoint, storing it every 4 steps into the program's scratch
        slot (and ∂z, which needs the pre-gate y, and ∂C), then run the adjoint backwards over
        it, recomputing each 4-step chunk's states in registers.  ∂B, ∂C are reduced over the
        BD channels in registers and added atomically into one float32 buffer per group
        (SEQLAB_SCAN_DBC=partials: per-block partials summed afterwards, bitwise
-       reproducible).  ``_bwd_kernel`` (v4, SEQLAB_SCAN_BWD=v4) stores h at every step of
-       32-step sub-chunks; see NOTES.md.
+       reproducible).
 
 Layouts: ``out`` and ∂u, ∂δ, ∂z are allocated like u, δ, z: channels-last (a (batch, L, dim)
 buffer transposed, stride(1) == 1, as nn.Linear hands them over) when the input is, else
@@ -45,7 +44,6 @@ and the carried state passes through untouched.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -55,32 +53,29 @@ import triton.language as tl
 Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 # Checkpoint spacing K: the forward stores the state before every K-th step; the backward
-# recomputes K-step sub-chunks from them (T, Tb are multiples of K). v5 keeps h every 4 steps
-# of one sub-chunk in a per-program scratch slot of K/4 states, so K trades checkpoints
-# (batch·dim·L·N/K float32) against scratch (programs·K/4·BD·N float32): at (8, 2048, 2048)
-# K = 32 costs 67 + 25 MB, K = 64 with a persistent grid 34 + 17 MB (NOTES.md, session 7).
-# v4 stores every step of a sub-chunk, so it keeps K = 32. SEQLAB_SCAN_CKPT overrides.
-CKPT_K = {"v5": 64, "v4": 32}
+# recomputes K-step sub-chunks from them (T, Tb are multiples of K). The backward keeps h
+# every 4 steps of one sub-chunk in a per-program scratch slot of K/4 states, so K trades
+# checkpoints (batch·dim·L·N/K float32) against scratch (programs·K/4·BD·N float32): at
+# (8, 2048, 2048) K = 32 costs 67 + 25 MB, K = 64 with a persistent grid 34 + 17 MB (NOTES.md,
+# session 7). SEQLAB_SCAN_CKPT overrides.
+CKPT_K = 64
 CKPT_K_CHOICES = (16, 32, 64, 128)
-# Programs per SM of v5's persistent grid (each loops over work items and owns one scratch
-# slot); 8 is what fits without a register cap. SEQLAB_SCAN_V5_PPSM=0: one program per work
-# item (the layout before session 7).
-V5_PPSM = 8
+# Programs per SM of the backward's persistent grid (each loops over work items and owns one
+# scratch slot); 8 is what fits without a register cap. SEQLAB_SCAN_BWD_GRID=0: one program
+# per work item (the layout before session 7).
+BWD_GRID_PPSM = 8
 # Segments are added until the grid has about this many programs per SM. The forward's extra
 # pass over segments 0..S-2 makes fewer segments pay there; the backward wants the parallelism.
 # H200, (8, 2048, 2048): forward 0.585 ms at 8 vs 0.639 at 16; fwd+bwd (one segmentation for
 # both) 3.41 ms at 8 vs 2.96 at 16.
 PROGRAMS_PER_SM_FWD = 8
 PROGRAMS_PER_SM_BWD = 16
-# Backward variant, read from the environment at every call so both can be timed in one process:
-# SEQLAB_SCAN_BWD=v5 (the default) or v4 (NOTES.md "v5 backward").  SEQLAB_SCAN_MAXNREG
-# caps the registers per thread of v5's main kernel (default V5_MAXNREG; 0: no cap, ptxas then
-# takes 255, which allows 8 one-warp programs per SM; 144 allows 14, with a few spills).
-BWD_VARIANTS = ("v4", "v5")
-DEFAULT_BWD = "v5"  # measured on the H200: fwd+bwd 3.08 ms vs v4 4.12 at lm (8, 2048, 2048)
-# Register cap of the v5 backward (0 = none). H200, fwd+bwd ms at the four anchor shapes: no cap
-# 2.726 / 10.845 / 5.498 / 10.378, cap 144 2.904 / 12.109 / 6.222 / 11.636 (NOTES.md).
-V5_MAXNREG = 0
+# SEQLAB_SCAN_MAXNREG caps the registers per thread of the backward's main kernel (default
+# BWD_MAXNREG; 0: no cap, ptxas then takes 255, which allows 8 one-warp programs per SM; 144
+# allows 14, with a few spills). H200, fwd+bwd ms at the four anchor shapes: no cap
+# 2.726 / 10.845 / 5.498 / 10.378, cap 144 2.904 / 12.109 / 6.222 / 11.636 (NOTES.md). The
+# variables are read from the environment at every call, so variants can be timed in one process.
+BWD_MAXNREG = 0
 # Tests set this to fill every output buffer with NaN before the kernels write it, so an element
 # a kernel forgets to write cannot pass as a plausible value.
 POISON = False
@@ -180,21 +175,6 @@ def _fstep(h, A2, d, x, Bv):
 def _fstep_y(h, A2, d, x, Bv, Cv):
     h = tl.exp2(d[:, None] * A2) * h + x[:, None] * Bv[None, :]
     return h, tl.sum(h * Cv[None, :], axis=1)
-
-
-@triton.jit
-def _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l, t, m2, mn2, bias,
-                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Tiles of one 8-step chunk, float32: u (BD, 8), Δ (BD, 8, 0 on padded steps), Δ·u,
-    B (NP, 8), and Δ before softplus (for its derivative)."""
-    u = tl.load(u_base[:, None] + t[None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
-    raw = tl.load(dt_base[:, None] + t[None, :] * sdt_l, mask=m2, other=0.0).to(tl.float32)
-    pre = raw
-    if HAS_BIAS:
-        pre = raw + bias[:, None]
-    delta = tl.where(m2, _delta_of(raw, bias[:, None], HAS_BIAS, SOFTPLUS), 0.0)
-    Bt = tl.load(B_base[:, None] + t[None, :] * sB_l, mask=mn2, other=0.0).to(tl.float32)
-    return u, delta, delta * u, Bt, pre
 
 
 @triton.jit
@@ -380,7 +360,7 @@ def _bwd_local_kernel(
     sg_b, sg_d, sg_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sC_b, sC_g, sC_n, sC_l,
     T: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
-    STAGES: tl.constexpr, PREFETCH: tl.constexpr = False,
+    STAGES: tl.constexpr,
 ):
     """Adjoint at the start of segments 1..S-1 (∂L/∂h just before it) from a zero adjoint at
     its end, and their ΣΔ (dsum (nseq, S, dim)), which the combine needs to carry adjoints across
@@ -411,18 +391,13 @@ def _bwd_local_kernel(
     for cc in tl.range(T // 8, num_stages=STAGES):
         t, valid = _chunk_pos(k0, T // 8 - 1 - cc, bos, seqlen, REVERSE)
         m2 = dmask[:, None] & valid[None, :]
-        mn2 = nmask[:, None] & valid[None, :]
-        if PREFETCH:
-            # v5: the previous chunk's tiles load while this one is computed (as the forward)
-            rg, rz, rraw, rC = ng, nz, nraw, nC
-            tn, vn = _chunk_pos(k0, T // 8 - 2 - cc, bos, seqlen, REVERSE)
-            vn = vn & (cc + 1 < T // 8)
-            ng, nz, nraw, nC = _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base,
-                                          sC_l, tn, dmask[:, None] & vn[None, :],
-                                          nmask[:, None] & vn[None, :], HAS_Z)
-        else:
-            rg, rz, rraw, rC = _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base,
-                                          sC_l, t, m2, mn2, HAS_Z)
+        # the previous chunk's tiles load while this one is computed (as in the forward)
+        rg, rz, rraw, rC = ng, nz, nraw, nC
+        tn, vn = _chunk_pos(k0, T // 8 - 2 - cc, bos, seqlen, REVERSE)
+        vn = vn & (cc + 1 < T // 8)
+        ng, nz, nraw, nC = _raw_local(g_base, sg_l, z_base, sz_l, dt_base, sdt_l, C_base,
+                                      sC_l, tn, dmask[:, None] & vn[None, :],
+                                      nmask[:, None] & vn[None, :], HAS_Z)
         gy = rg.to(tl.float32)
         if HAS_Z:
             zt = rz.to(tl.float32)
@@ -447,213 +422,7 @@ def _bwd_local_kernel(
     tl.store(dsum_ptr + (i * S + s) * dim + offs_d, tl.sum(dacc, axis=1), mask=dmask)
 
 
-@triton.jit
-def _bstep(mu, dA_acc, h, gy, Cv, Bv, d, x, u, A2, Af):
-    """One adjoint step.  mu: ∂L/∂h_t from later steps (already decayed); h = h_t; gy (BD,)
-    gradient of y_t; x = Δ u.  Returns the decayed adjoint for step t-1, dA_acc, and per step:
-    ∂Δ before softplus (BD,), ∂u without the D term (BD,), ∂B_t and ∂C_t summed over the
-    block's channels (NP,)."""
-    lam = gy[:, None] * Cv[None, :] + mu
-    gexp = lam * (h - x[:, None] * Bv[None, :])  # λ_t Ā_t h_{t-1}: gradient of the exponent ΔA
-    dA_acc += d[:, None] * gexp
-    lb = tl.sum(lam * Bv[None, :], axis=1)
-    ddelta = lb * u + tl.sum(Af * gexp, axis=1)
-    dBv = tl.sum(lam * x[:, None], axis=0)
-    dCv = tl.sum(gy[:, None] * h, axis=0)
-    return tl.exp2(d[:, None] * A2) * lam, dA_acc, ddelta, lb * d, dBv, dCv
-
-
-@triton.jit
-def _bwd_kernel(
-    u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr, g_ptr,
-    ckpt_ptr, muend_ptr, scratch_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dinit_ptr,
-    L, dim, N, dpg, S, n_work, ndb, NCK,
-    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
-    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
-    smu_i, smu_s, smu_d, smu_n,
-    sdu_b, sdu_d, sdu_l, sdd_b, sdd_d, sdd_l, sdz_b, sdz_d, sdz_l,
-    T: tl.constexpr, K: tl.constexpr, HAS_MU: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """Gradients of one segment per work item; persistent grid (one scratch slot per program).
-
-    du, ddt, dz: (batch, dim, L) in the input dtypes and layouts (strides sdu, sdd, sdz); dBp,
-    dCp: (batch, dim/BD, N, L) float32 partials; dAp (nseq, S, dim, N), dDp and dbp (nseq, S, dim)
-    float32 partials;
-    dinit (nseq, dim, N) float32.  ckpt: the forward's states before each K-step sub-chunk;
-    scratch: (programs, K, BD, NP) float32, h at each step of the current sub-chunk.
-    """
-    NSUB: tl.constexpr = T // K
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    offs_bd = tl.arange(0, BD)
-    offs_n = tl.arange(0, NP)
-    nmask = offs_n < N
-    tile = offs_bd[:, None] * NP + offs_n[None, :]
-    hs_base = scratch_ptr + pid.to(tl.int64) * (K * BD * NP)
-    for w in range(pid, n_work, nprog):
-        pid_d = w % ndb
-        s = ((w // ndb) % S).to(tl.int64)
-        i = (w // (ndb * S)).to(tl.int64)
-        row, bos, seqlen = _seq_bounds(cu_ptr, i, L, VARLEN)
-        offs_d = pid_d * BD + offs_bd
-        dmask = offs_d < dim
-        tmask = dmask[:, None] & nmask[None, :]
-        grp = (pid_d * BD) // dpg
-        A2 = tl.load(A2_ptr + offs_d[:, None] * N + offs_n[None, :], mask=tmask, other=0.0)
-        Af = A2 * 0.6931471805599453  # back to A for ∂Δ = Σ A · ∂(ΔA)
-        bias = _channel_vec(bias_ptr, offs_d, dmask, HAS_BIAS, BD)
-        Dv = _channel_vec(D_ptr, offs_d, dmask, HAS_D, BD)
-        od = offs_d.to(tl.int64)
-        u_base = u_ptr + row * su_b + od * su_d
-        dt_base = dt_ptr + row * sdt_b + od * sdt_d
-        z_base = z_ptr + row * sz_b + od * sz_d
-        g_base = g_ptr + row * sg_b + od * sg_d
-        du_base = du_ptr + row * sdu_b + od * sdu_d
-        dd_base = ddt_ptr + row * sdd_b + od * sdd_d
-        dz_base = dz_ptr + row * sdz_b + od * sdz_d
-        B_base = B_ptr + row * sB_b + grp * sB_g + offs_n * sB_n
-        C_base = C_ptr + row * sC_b + grp * sC_g + offs_n * sC_n
-        p_base = (row * ndb + pid_d) * N * L + offs_n.to(tl.int64) * L
-        k0 = s * T
-        ck_base = ckpt_ptr + (i * NCK + s * NSUB) * dim * N + offs_d[:, None] * N \
-            + offs_n[None, :]
-        if HAS_MU:
-            mu = tl.load(muend_ptr + i * smu_i + s * smu_s + offs_d[:, None] * smu_d
-                         + offs_n[None, :] * smu_n, mask=tmask, other=0.0)
-        else:
-            mu = tl.zeros([BD, NP], dtype=tl.float32)
-        dA_acc = tl.zeros([BD, NP], dtype=tl.float32)
-        dD_acc = tl.zeros([BD], dtype=tl.float32)
-        db_acc = tl.zeros([BD], dtype=tl.float32)
-        TS: tl.constexpr = BD * NP
-        for jj in range(NSUB):
-            j = NSUB - 1 - jj
-            h = tl.load(ck_base + j * dim * N, mask=tmask, other=0.0)
-            # recompute h over the sub-chunk into scratch; ∂z needs the pre-gate y
-            for cl in tl.range(K // 8, num_stages=STAGES):
-                c = j * (K // 8) + cl
-                t, valid = _chunk_pos(k0, c, bos, seqlen, REVERSE)
-                m2 = dmask[:, None] & valid[None, :]
-                mn2 = nmask[:, None] & valid[None, :]
-                u, delta, x, Bt, pre = _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
-                                                    t, m2, mn2, bias, HAS_BIAS, SOFTPLUS)
-                d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
-                x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
-                B0, B1, B2, B3, B4, B5, B6, B7 = _split8(Bt)
-                hb = hs_base + cl * 8 * TS + tile
-                if HAS_Z:
-                    Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0)
-                    C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct.to(tl.float32))
-                    h, y0 = _fstep_y(h, A2, d0, x0, B0, C0)
-                    tl.store(hb, h)
-                    h, y1 = _fstep_y(h, A2, d1, x1, B1, C1)
-                    tl.store(hb + TS, h)
-                    h, y2 = _fstep_y(h, A2, d2, x2, B2, C2)
-                    tl.store(hb + 2 * TS, h)
-                    h, y3 = _fstep_y(h, A2, d3, x3, B3, C3)
-                    tl.store(hb + 3 * TS, h)
-                    h, y4 = _fstep_y(h, A2, d4, x4, B4, C4)
-                    tl.store(hb + 4 * TS, h)
-                    h, y5 = _fstep_y(h, A2, d5, x5, B5, C5)
-                    tl.store(hb + 5 * TS, h)
-                    h, y6 = _fstep_y(h, A2, d6, x6, B6, C6)
-                    tl.store(hb + 6 * TS, h)
-                    h, y7 = _fstep_y(h, A2, d7, x7, B7, C7)
-                    tl.store(hb + 7 * TS, h)
-                    y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dv[:, None] * u
-                    gt = tl.load(g_base[:, None] + t[None, :] * sg_l, mask=m2, other=0.0)
-                    zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
-                    zt = zt.to(tl.float32)
-                    sz = tl.sigmoid(zt)
-                    dz = gt.to(tl.float32) * y * sz * (1.0 + zt * (1.0 - sz))
-                    tl.store(dz_base[:, None] + t[None, :] * sdz_l,
-                             dz.to(dz_ptr.dtype.element_ty), mask=m2)
-                else:
-                    h = _fstep(h, A2, d0, x0, B0)
-                    tl.store(hb, h)
-                    h = _fstep(h, A2, d1, x1, B1)
-                    tl.store(hb + TS, h)
-                    h = _fstep(h, A2, d2, x2, B2)
-                    tl.store(hb + 2 * TS, h)
-                    h = _fstep(h, A2, d3, x3, B3)
-                    tl.store(hb + 3 * TS, h)
-                    h = _fstep(h, A2, d4, x4, B4)
-                    tl.store(hb + 4 * TS, h)
-                    h = _fstep(h, A2, d5, x5, B5)
-                    tl.store(hb + 5 * TS, h)
-                    h = _fstep(h, A2, d6, x6, B6)
-                    tl.store(hb + 6 * TS, h)
-                    h = _fstep(h, A2, d7, x7, B7)
-                    tl.store(hb + 7 * TS, h)
-            tl.debug_barrier()
-            # adjoint backwards over the sub-chunk
-            for cc in tl.range(K // 8, num_stages=STAGES):
-                cl = K // 8 - 1 - cc
-                c = j * (K // 8) + cl
-                t, valid = _chunk_pos(k0, c, bos, seqlen, REVERSE)
-                m2 = dmask[:, None] & valid[None, :]
-                mn2 = nmask[:, None] & valid[None, :]
-                u, delta, x, Bt, pre = _load_inputs(u_base, su_l, dt_base, sdt_l, B_base, sB_l,
-                                                    t, m2, mn2, bias, HAS_BIAS, SOFTPLUS)
-                Ct = tl.load(C_base[:, None] + t[None, :] * sC_l, mask=mn2, other=0.0)
-                gy = tl.load(g_base[:, None] + t[None, :] * sg_l, mask=m2, other=0.0)
-                gy = gy.to(tl.float32)
-                if HAS_Z:
-                    zt = tl.load(z_base[:, None] + t[None, :] * sz_l, mask=m2, other=0.0)
-                    zt = zt.to(tl.float32)
-                    gy = gy * zt * tl.sigmoid(zt)
-                d0, d1, d2, d3, d4, d5, d6, d7 = _split8(delta)
-                x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
-                u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u)
-                B0, B1, B2, B3, B4, B5, B6, B7 = _split8(Bt)
-                C0, C1, C2, C3, C4, C5, C6, C7 = _split8(Ct.to(tl.float32))
-                g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy)
-                hb = hs_base + cl * 8 * TS + tile
-                mu, dA_acc, e7, v7, b7, c7 = _bstep(mu, dA_acc, tl.load(hb + 7 * TS), g7, C7, B7,
-                                                    d7, x7, u7, A2, Af)
-                mu, dA_acc, e6, v6, b6, c6 = _bstep(mu, dA_acc, tl.load(hb + 6 * TS), g6, C6, B6,
-                                                    d6, x6, u6, A2, Af)
-                mu, dA_acc, e5, v5, b5, c5 = _bstep(mu, dA_acc, tl.load(hb + 5 * TS), g5, C5, B5,
-                                                    d5, x5, u5, A2, Af)
-                mu, dA_acc, e4, v4, b4, c4 = _bstep(mu, dA_acc, tl.load(hb + 4 * TS), g4, C4, B4,
-                                                    d4, x4, u4, A2, Af)
-                mu, dA_acc, e3, v3, b3, c3 = _bstep(mu, dA_acc, tl.load(hb + 3 * TS), g3, C3, B3,
-                                                    d3, x3, u3, A2, Af)
-                mu, dA_acc, e2, v2, b2, c2 = _bstep(mu, dA_acc, tl.load(hb + 2 * TS), g2, C2, B2,
-                                                    d2, x2, u2, A2, Af)
-                mu, dA_acc, e1, v1, b1, c1 = _bstep(mu, dA_acc, tl.load(hb + TS), g1, C1, B1,
-                                                    d1, x1, u1, A2, Af)
-                mu, dA_acc, e0, v0, b0, c0 = _bstep(mu, dA_acc, tl.load(hb), g0, C0, B0,
-                                                    d0, x0, u0, A2, Af)
-                ddelta = _join8(e0, e1, e2, e3, e4, e5, e6, e7)
-                if SOFTPLUS:
-                    ddelta = ddelta * tl.where(pre > 20.0, 1.0, tl.sigmoid(pre))
-                ddelta = tl.where(m2, ddelta, 0.0)
-                db_acc += tl.sum(ddelta, axis=1)
-                du = _join8(v0, v1, v2, v3, v4, v5, v6, v7) + gy * Dv[:, None]
-                dD_acc += tl.sum(gy * u, axis=1)
-                tl.store(du_base[:, None] + t[None, :] * sdu_l, du.to(du_ptr.dtype.element_ty),
-                         mask=m2)
-                tl.store(dd_base[:, None] + t[None, :] * sdd_l,
-                         ddelta.to(ddt_ptr.dtype.element_ty), mask=m2)
-                pt = p_base[:, None] + t[None, :]
-                tl.store(dBp_ptr + pt, _join8(b0, b1, b2, b3, b4, b5, b6, b7), mask=mn2)
-                tl.store(dCp_ptr + pt, _join8(c0, c1, c2, c3, c4, c5, c6, c7), mask=mn2)
-            tl.debug_barrier()
-        pofs = (i * S + s) * dim
-        tl.store(dAp_ptr + pofs * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=tmask)
-        tl.store(dDp_ptr + pofs + offs_d, dD_acc, mask=dmask)
-        tl.store(dbp_ptr + pofs + offs_d, db_acc, mask=dmask)
-        if s == 0:
-            tl.store(dinit_ptr + i * dim * N + offs_d[:, None] * N + offs_n[None, :], mu,
-                     mask=tmask)
-
-
-# --------------------------------------------------------------------------- backward v5
+# --------------------------------------------------------------------------- backward
 @triton.jit
 def _split4(x):
     """(R, 4) -> its 4 columns (R,)."""
@@ -675,16 +444,6 @@ def _join4(c0, c1, c2, c3):
 def _pos(k0, c, CH: tl.constexpr, bos, seqlen, REVERSE: tl.constexpr):
     """Positions (CH,) int64 of steps k0 + CH c .. + CH-1 and their validity."""
     k = k0 + c * CH + tl.arange(0, CH)
-    if REVERSE:
-        t = bos + seqlen - 1 - k
-    else:
-        t = bos + k
-    return t, (k < seqlen) & (k >= 0)
-
-
-@triton.jit
-def _tpos(k, bos, seqlen, REVERSE: tl.constexpr):
-    """Position (scalar int64) of step k and its validity."""
     if REVERSE:
         t = bos + seqlen - 1 - k
     else:
@@ -767,7 +526,7 @@ def _store_bc4(base, t, valid, N, offs_n, nmask, v0, v1, v2, v3, ATOMIC: tl.cons
 
 
 @triton.jit
-def _bwd_kernel_v5(
+def _bwd_kernel(
     u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A2_ptr, D_ptr, bias_ptr, cu_ptr, g_ptr,
     ckpt_ptr, muend_ptr, scratch_ptr,
     du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dinit_ptr,
@@ -781,26 +540,27 @@ def _bwd_kernel_v5(
     REVERSE: tl.constexpr, VARLEN: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     STAGES: tl.constexpr, ATOMIC_BC: tl.constexpr = False,
 ):
-    """v5 gradients: a persistent grid; each program loops over work items (one segment of
-    one channel block of one sequence) and owns one scratch slot.
+    """Gradients ("v5" in NOTES.md): a persistent grid; each program loops over work items (one
+    segment of one channel block of one sequence) and owns one scratch slot.
 
     Per K-step sub-chunk, from the last:
       pass 1 runs h forward from the forward's checkpoint over 4-step tiles, the next tiles
         prefetched as in the forward; it writes ∂z (needs the pre-gate y), ∂C_t (reduced over
-        the BD channels) and stores h every CH = 4 steps into scratch (K/4 states per sub-chunk
-        where v4 stores all K: a quarter of v4's scratch traffic, which was ~4 GB per call at
-        (8, 2048, 2048)).
+        the BD channels) and stores h every CH = 4 steps into scratch (K/4 states per
+        sub-chunk: a quarter of the traffic of storing every step, which the earlier v4 did,
+        ~4 GB per call at (8, 2048, 2048)).
       pass 2 walks the 4-step chunks backwards: it reloads the chunk's start state, recomputes
         the 3 states after it in registers and runs the adjoint over the 4 steps; ∂B_t reduced
         over the channels, ∂u and ∂Δ written per chunk.  The decays are computed again in the
         adjoint instead of being kept (4 tiles fewer live registers).
-    Compared with v4: no per-step scratch store/load (and none of its L2 latency in the adjoint),
-    4-step instead of 8-step splits (v4 holds 8 steps of six inputs and outputs in registers and
-    took 255 registers with spills: 8 programs per SM), ∂C moved to the recompute pass, ∂B/∂C
-    written as (NP, 4) tiles.  Launched with maxnreg (plan.maxnreg).
+    Launched with maxnreg (plan.maxnreg) when one is set.
 
-    dBp, dCp: (batch, dim/BD, L, N) float32 partials (rows of N per step: the 4-step tiles are
-    contiguous).  du, ddt, dz in their inputs' layouts; other outputs as :func:`_bwd_kernel`.
+    muend (nseq, S, dim, N): the adjoint entering each segment's end (HAS_MU). ckpt: the
+    forward's states before each K-step sub-chunk. dBp, dCp: (batch, dim/BD, L, N) partials
+    (rows of N per step: the 4-step tiles are contiguous), or with ATOMIC_BC one zeroed float32
+    (batch, G, L, N) buffer every block of a group adds into. du, ddt, dz in their inputs'
+    layouts; dAp (nseq, S, dim, N), dDp, dbp (nseq, S, dim) per-segment partials; dinit
+    (nseq, dim, N) the gradient of the initial state.
     """
     NSUB: tl.constexpr = T // K
     CH: tl.constexpr = 4
@@ -974,22 +734,19 @@ def _n_sm(device: torch.device) -> int:
     return 4
 
 
-def _dbc_mode(bwd: str) -> str:
+def _dbc_mode() -> str:
     """How the backward sums ∂B/∂C over channel blocks (SEQLAB_SCAN_DBC):
-    ``atomic`` (the default with the v5 backward): every block adds its rows into one zeroed
+    ``atomic`` (the default): every block adds its rows into one zeroed
     float32 (batch, G, L, N) buffer; fastest and smallest (H200, lm shape: peak extra 0.378 GB,
     fwd+bwd 2.618 ms) but the summation order, so the last bits, vary from run to run.
     ``partials``: per-block partial rows summed in a fixed order afterwards; bitwise
     reproducible (0.510 GB, 2.708 ms). ``auto`` picks partials when
-    ``torch.are_deterministic_algorithms_enabled()`` or the backward is v4, atomic otherwise."""
+    ``torch.are_deterministic_algorithms_enabled()``, atomic otherwise."""
     mode = os.environ.get("SEQLAB_SCAN_DBC", "").strip().lower() or "auto"
     if mode not in ("auto", "partials", "atomic"):
         raise ValueError(f"SEQLAB_SCAN_DBC={mode!r}: expected 'auto', 'partials' or 'atomic'")
-    if mode == "atomic" and bwd != "v5":
-        raise ValueError("SEQLAB_SCAN_DBC=atomic needs the v5 backward (SEQLAB_SCAN_BWD=v5)")
     if mode == "auto":
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        mode = "partials" if deterministic or bwd != "v5" else "atomic"
+        mode = "partials" if torch.are_deterministic_algorithms_enabled() else "atomic"
     return mode
 
 
@@ -1013,22 +770,19 @@ class _Plan:
         # Forward and backward split the length into segments independently: (T, S) and
         # (Tb, Sb). The checkpoints are indexed by position (entry p / K holds the state before
         # step p), so the backward can restart anywhere on a K-step boundary.
-        self.bwd = os.environ.get("SEQLAB_SCAN_BWD", "").strip().lower() or DEFAULT_BWD
-        if self.bwd not in BWD_VARIANTS:
-            raise ValueError(f"SEQLAB_SCAN_BWD={self.bwd!r}: expected one of {BWD_VARIANTS}")
-        self.K = _env_int("SEQLAB_SCAN_CKPT", CKPT_K[self.bwd])
+        self.K = _env_int("SEQLAB_SCAN_CKPT", CKPT_K)
         if self.K not in CKPT_K_CHOICES:
             raise ValueError(f"SEQLAB_SCAN_CKPT={self.K}: expected one of {CKPT_K_CHOICES}")
         n_sm = _n_sm(u.device)
-        self.v5_programs = _env_int("SEQLAB_SCAN_V5_PPSM", V5_PPSM) * n_sm
+        self.bwd_programs = _env_int("SEQLAB_SCAN_BWD_GRID", BWD_GRID_PPSM) * n_sm
         self.T, self.S = self._segments(_env_int("SEQLAB_SCAN_PPSM_FWD", PROGRAMS_PER_SM_FWD), n_sm)
         self.Tb, self.Sb = self._segments(_env_int("SEQLAB_SCAN_PPSM_BWD", PROGRAMS_PER_SM_BWD),
                                           n_sm)
         self.NCK = triton.cdiv(max(self.S * self.T, self.Sb * self.Tb), self.K)
         self.stages = 1  # tl.range pipelining of the backward's loops: 2 measured ~4% faster once
         self.num_warps = 1  # 1 warp per program measured faster than 2 or 4 (NOTES.md)
-        self.maxnreg = _env_int("SEQLAB_SCAN_MAXNREG", V5_MAXNREG)
-        self.dbc = _dbc_mode(self.bwd)
+        self.maxnreg = _env_int("SEQLAB_SCAN_MAXNREG", BWD_MAXNREG)
+        self.dbc = _dbc_mode()
 
     def _segments(self, ppsm: int, n_sm: int) -> tuple[int, int]:
         """(segment length T, count S): enough segments to give every SM about ``ppsm``
@@ -1121,8 +875,7 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
         dsum = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
         _bwd_local_kernel[(plan.ndb, S - 1, nseq)](
             g, delta, zz, C, A2, biasv, cuv, muloc, dsum, L, dim, N, plan.dpg, S,
-            *g.stride(), *delta.stride(), *zz.stride(), *sC, T=T,
-            PREFETCH=plan.bwd == "v5", **flags)
+            *g.stride(), *delta.stride(), *zz.stride(), *sC, T=T, **flags)
         muend = _empty(nseq, S, dim, N, dtype=torch.float32, device=dev)
         BLK = 256
         _combine_kernel[(triton.cdiv(dim * N, BLK), nseq)](
@@ -1132,11 +885,10 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
         smu, has_mu = muend.stride(), True
     du, ddelta = _empty_as(u), _empty_as(delta)
     dz = None if z is None else (dz_out if dz_out is not None else _empty_as(z))
-    v5 = plan.bwd == "v5"
-    atomic = v5 and plan.dbc == "atomic"
-    # ∂B/∂C partials per channel block: (batch, blocks, N, L) for v4, (batch, blocks, L, N) v5;
-    # with SEQLAB_SCAN_DBC=atomic (v5) one zeroed float32 (batch, G, L, N) buffer instead.
-    pshape = (batch, plan.ndb, L, N) if v5 else (batch, plan.ndb, N, L)
+    atomic = plan.dbc == "atomic"
+    # ∂B/∂C partials per channel block (batch, blocks, L, N); with SEQLAB_SCAN_DBC=atomic one
+    # zeroed float32 (batch, G, L, N) buffer instead.
+    pshape = (batch, plan.ndb, L, N)
     # bf16 B / C get bf16 partials (each a float32 sum over BD channels, rounded once; torch
     # sums them in float32): half the backward's largest scratch, 2 x 134 MB -> 2 x 67 MB at
     # (8, 2048, 2048). The gradient comes back in bf16 anyway. Other dtypes: float32.
@@ -1151,33 +903,25 @@ def _backward(plan: _Plan, g, dlast, u, delta, A2, B, C, D, z, delta_bias, softp
     dbp = _empty(nseq, S, dim, dtype=torch.float32, device=dev)
     dinit = _empty(nseq, dim, N, dtype=torch.float32, device=dev)
     n_work = nseq * S * plan.ndb
-    if v5:
-        # a persistent grid: each program loops over work items and keeps one scratch slot
-        # (h every 4 steps of the current sub-chunk); SEQLAB_SCAN_V5_PPSM=0: one per item
-        nprog = min(n_work, plan.v5_programs) if plan.v5_programs > 0 else n_work
-        kernel, slot = _bwd_kernel_v5, plan.K // 4
-        if plan.maxnreg:
-            flags["maxnreg"] = plan.maxnreg
-        flags["ATOMIC_BC"] = atomic
-    else:
-        nprog, kernel, slot = min(n_work, 16 * _n_sm(dev)), _bwd_kernel, plan.K
-    scratch = _empty(nprog, slot, BD, NP, dtype=torch.float32, device=dev)
-    kernel[(nprog,)](
+    # a persistent grid: each program loops over work items and keeps one scratch slot (h every
+    # 4 steps of the current sub-chunk); SEQLAB_SCAN_BWD_GRID=0: one program per item
+    nprog = min(n_work, plan.bwd_programs) if plan.bwd_programs > 0 else n_work
+    if plan.maxnreg:
+        flags["maxnreg"] = plan.maxnreg
+    scratch = _empty(nprog, plan.K // 4, BD, NP, dtype=torch.float32, device=dev)
+    _bwd_kernel[(nprog,)](
         u, delta, zz, B, C, A2, D if D is not None else dummy, biasv, cuv, g,
         ckpt, muend, scratch, du, ddelta, dz if dz is not None else du, dBp, dCp, dAp, dDp, dbp,
         dinit, L, dim, N, plan.dpg, S, n_work, plan.ndb, plan.NCK,
         *u.stride(), *delta.stride(), *zz.stride(), *g.stride(), *sB, *sC, *smu,
         *du.stride(), *ddelta.stride(), *(dz if dz is not None else du).stride(),
-        T=T, K=plan.K, HAS_MU=has_mu, HAS_D=D is not None, **flags)
+        T=T, K=plan.K, HAS_MU=has_mu, HAS_D=D is not None, ATOMIC_BC=atomic, **flags)
     G = plan.groups
     if atomic:
         dB, dC = dBp.transpose(-1, -2), dCp.transpose(-1, -2)
-    elif v5:
+    else:
         dB = dBp.view(batch, G, plan.ndb // G, L, N).sum(2).transpose(-1, -2)
         dC = dCp.view(batch, G, plan.ndb // G, L, N).sum(2).transpose(-1, -2)
-    else:
-        dB = dBp.view(batch, G, plan.ndb // G, N, L).sum(2)
-        dC = dCp.view(batch, G, plan.ndb // G, N, L).sum(2)
     if B.dim() == 3:
         dB = dB[:, 0]
     if C.dim() == 3:

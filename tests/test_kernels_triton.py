@@ -26,13 +26,6 @@ def poison(monkeypatch):
     monkeypatch.setattr(scan_triton, "POISON", True)
 
 
-@pytest.fixture(params=scan_triton.BWD_VARIANTS)
-def bwd(request, monkeypatch):
-    """Run the test with each backward variant (selected through SEQLAB_SCAN_BWD)."""
-    monkeypatch.setenv("SEQLAB_SCAN_BWD", request.param)
-    return request.param
-
-
 def rel_err(a, b):
     """||a - b|| / ||b||; the floor 1e-6 keeps an exactly-zero reference (dA at L=1 without an
     initial state) from turning float32 rounding into an infinite relative error."""
@@ -163,7 +156,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("spec,opts", CASES)
-def test_scan_matches_reference(spec, opts, bwd):
+def test_scan_matches_reference(spec, opts):
     spec = dict(spec)
     dtype = spec["dtype"]
     case, nseq = make_case(**spec)
@@ -171,11 +164,11 @@ def test_scan_matches_reference(spec, opts, bwd):
 
 
 @pytest.mark.parametrize("ppsm_fwd,ppsm_bwd,cu", [
-    (1, 64, None),        # forward: 4 segments of 96 steps; backward: 5 of 64
-    (64, 1, None),        # forward: 5 of 64; backward: 4 of 96, the last past the forward's end
+    (1, 64, None),        # forward: 3 segments of 128 steps; backward: 5 of 64
+    (64, 1, None),        # forward: 5 of 64; backward: 3 of 128, the last past the forward's end
     (64, 1, [0, 300, 310, 471]),  # packed, with a 10-step sequence
 ], ids=["fwd-coarse", "bwd-coarse", "bwd-coarse-varlen"])
-def test_forward_and_backward_segment_independently(ppsm_fwd, ppsm_bwd, cu, bwd, monkeypatch):
+def test_forward_and_backward_segment_independently(ppsm_fwd, ppsm_bwd, cu, monkeypatch):
     """The backward restarts from position-indexed checkpoints, so its segmentation may differ
     from the forward's (each is chosen for its own kernels); gradients stay exact either way."""
     monkeypatch.setattr(scan_triton, "_n_sm", lambda device: 4)  # same plans on every card
@@ -197,9 +190,8 @@ DBC_CASES = [c for c in CASES if c.id in (
 @pytest.mark.parametrize("mode", ["atomic", "partials"])
 @pytest.mark.parametrize("spec,opts", DBC_CASES)
 def test_scan_dbc_modes_match_reference(spec, opts, mode, monkeypatch):
-    """Both ways of summing ∂B/∂C over channel blocks with the v5 backward: atomic adds into one
-    float32 buffer per group (the default), partials per block summed in a fixed order."""
-    monkeypatch.setenv("SEQLAB_SCAN_BWD", "v5")
+    """Both ways of summing ∂B/∂C over channel blocks: atomic adds into one float32 buffer per
+    group (the default), partials per block summed in a fixed order."""
     monkeypatch.setenv("SEQLAB_SCAN_DBC", mode)
     spec = dict(spec)
     case, nseq = make_case(**spec)
@@ -208,34 +200,24 @@ def test_scan_dbc_modes_match_reference(spec, opts, mode, monkeypatch):
 
 def test_dbc_mode_selection(monkeypatch):
     monkeypatch.delenv("SEQLAB_SCAN_DBC", raising=False)
-    assert scan_triton._dbc_mode("v5") == "atomic"
-    assert scan_triton._dbc_mode("v4") == "partials"
+    assert scan_triton._dbc_mode() == "atomic"
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert scan_triton._dbc_mode("v5") == "partials"  # reproducible sums when asked for
+    assert scan_triton._dbc_mode() == "partials"  # reproducible sums when asked for
     monkeypatch.setenv("SEQLAB_SCAN_DBC", "atomic")
-    assert scan_triton._dbc_mode("v5") == "atomic"  # an explicit choice wins
+    assert scan_triton._dbc_mode() == "atomic"  # an explicit choice wins
     monkeypatch.setenv("SEQLAB_SCAN_DBC", "fast")
     with pytest.raises(ValueError, match="SEQLAB_SCAN_DBC='fast'"):
-        scan_triton._dbc_mode("v5")
-
-
-def test_atomic_dbc_needs_v5(monkeypatch):
-    monkeypatch.setenv("SEQLAB_SCAN_BWD", "v4")
-    monkeypatch.setenv("SEQLAB_SCAN_DBC", "atomic")
-    case, _ = make_case(1, 4, 8, 2, torch.float32)
-    with pytest.raises(ValueError, match="SEQLAB_SCAN_DBC"):
-        selective_scan(**case, impl="triton")
+        scan_triton._dbc_mode()
 
 
 @pytest.mark.parametrize("ckpt,ppsm", [(k, 1) for k in scan_triton.CKPT_K_CHOICES] + [(64, 0)])
-def test_v5_checkpoint_spacing_and_persistent_grid(ckpt, ppsm, monkeypatch):
+def test_checkpoint_spacing_and_persistent_backward_grid(ckpt, ppsm, monkeypatch):
     """Every checkpoint spacing K gives the reference's gradients, with a persistent grid of
     fewer programs than work items (ppsm 1: 4 programs loop over 16 items, each reusing its one
     scratch slot) and with one program per item (ppsm 0), over segments and packed sequences."""
     monkeypatch.setattr(scan_triton, "_n_sm", lambda device: 4)
-    monkeypatch.setenv("SEQLAB_SCAN_BWD", "v5")
     monkeypatch.setenv("SEQLAB_SCAN_CKPT", str(ckpt))
-    monkeypatch.setenv("SEQLAB_SCAN_V5_PPSM", str(ppsm))
+    monkeypatch.setenv("SEQLAB_SCAN_BWD_GRID", str(ppsm))
     monkeypatch.setenv("SEQLAB_SCAN_PPSM_BWD", "8")
     cu = [0, 70, 77, 300]
     case, nseq = make_case(1, 16, 300, 4, torch.float32, cu=cu)
@@ -246,14 +228,14 @@ def test_v5_checkpoint_spacing_and_persistent_grid(ckpt, ppsm, monkeypatch):
     check(case, nseq, torch.float32, reverse=True, cu=cu)
 
 
-def test_checkpoint_spacing_defaults_and_refusal(monkeypatch):
+@pytest.mark.parametrize("name,value", [("SEQLAB_SCAN_CKPT", "48"),
+                                        ("SEQLAB_SCAN_BWD_GRID", "many")])
+def test_checkpoint_spacing_default_and_bad_settings(name, value, monkeypatch):
     case, _ = make_case(1, 4, 8, 2, torch.float32)
     monkeypatch.delenv("SEQLAB_SCAN_CKPT", raising=False)
-    for variant, k in scan_triton.CKPT_K.items():
-        monkeypatch.setenv("SEQLAB_SCAN_BWD", variant)
-        assert scan_triton._Plan(case["u"], case["A"], case["B"], None).K == k
-    monkeypatch.setenv("SEQLAB_SCAN_CKPT", "48")
-    with pytest.raises(ValueError, match="SEQLAB_SCAN_CKPT=48"):
+    assert scan_triton._Plan(case["u"], case["A"], case["B"], None).K == scan_triton.CKPT_K
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}=.?{value}"):
         selective_scan(**case, impl="triton")
 
 
@@ -265,13 +247,6 @@ def test_padded_segment_tail_keeps_state():
     ref = selective_scan_reference(**{k: v.double() if v is not None else None
                                       for k, v in case.items()}, delta_softplus=True)
     assert rel_err(out, ref) < TOL[torch.float32]
-
-
-def test_unknown_backward_variant_is_refused(monkeypatch):
-    monkeypatch.setenv("SEQLAB_SCAN_BWD", "v3")
-    case, _ = make_case(1, 4, 8, 2, torch.float32)
-    with pytest.raises(ValueError, match="SEQLAB_SCAN_BWD"):
-        selective_scan(**case, impl="triton")
 
 
 @pytest.mark.parametrize("dtype,groups", [(torch.float32, None), (torch.bfloat16, 2)])
@@ -298,14 +273,14 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_long_sequences(dtype, bwd):
+def test_gpu_long_sequences(dtype):
     case, nseq = make_case(2, 256, 4096, 16, dtype)
     check(case, nseq, dtype)
 
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_varlen_reverse_groups_channels_last(bwd):
+def test_gpu_varlen_reverse_groups_channels_last():
     cu = [0, 1, 1000, 3001, 4096]
     case, nseq = make_case(1, 256, 4096, 16, torch.bfloat16, groups=4, cu=cu,
                            channels_last=True)
@@ -314,7 +289,7 @@ def test_gpu_varlen_reverse_groups_channels_last(bwd):
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_model_layout(bwd):
+def test_gpu_model_layout():
     case, nseq = make_case(2, 512, 2048, 16, torch.bfloat16, channels_last="model")
     check(case, nseq, torch.bfloat16)
 
