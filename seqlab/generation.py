@@ -105,7 +105,7 @@ class _Decoder:
         self._model, self.vocab = weakref.ref(model), vocab
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.period = decode_period(model)
-        self.multiscale = self.period > 1 or bool(getattr(model.config, "pool_factors", None))
+        self.multiscale = bool(getattr(getattr(model, "config", None), "pool_factors", None))
         self.steps = -(-CHUNK // self.period) * self.period  # whole periods per chunk
         self.cache = model.allocate_cache(batch, dtype)
         self.pos = 0  # positions the cache has taken (set by generate() after the prefill)
