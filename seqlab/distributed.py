@@ -7,6 +7,7 @@ gloo on CPU).
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ def init(device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+        # Tear the group down before the interpreter does: left to the process's exit, gloo's
+        # worker threads were sometimes destroyed while joinable ("terminate called without an
+        # active exception", SIGABRT in one rank of a finished run).
+        atexit.register(shutdown)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
