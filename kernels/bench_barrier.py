@@ -7,7 +7,8 @@ programs' work. This probe runs only the phases' skeleton: ``rounds`` times, eve
 stores a share of ``share`` float32 values, arrives at the row's counter (release), spins until
 all have arrived, acquires, and sums the ``programs`` shares (the reads the step's next phase
 starts with). The per-round cost is the slope between 0 and ``rounds`` rounds, timed as the
-median of CUDA-graph replays (so launch overhead drops out). Variants:
+median of CUDA-graph replays (``triton.testing.do_bench_cudagraph``, so launch overhead
+drops out). Variants:
 
 * ``full``: the step's protocol (``_arrive`` / ``_wait`` of lm_step_persistent);
 * ``no-share``: the same without the share stores and loads (the bare counter round trips);
@@ -62,9 +63,10 @@ def _probe_kernel(bar_ptr, share_ptr, out_ptr, rounds, P: tl.constexpr, SH: tl.c
         tl.store(bar_ptr + 1, 0)
 
 
-def time_rounds(P: int, share: int, variant: str, rounds: int, num_warps: int = 8,
-                reps: int = 200) -> float:
-    """Median microseconds of one launch of ``rounds`` barrier rounds, from CUDA-graph replays."""
+def time_rounds(P: int, share: int, variant: str, rounds: int, num_warps: int = 8) -> float:
+    """Median microseconds of one launch of ``rounds`` barrier rounds, from CUDA-graph replays
+    (triton.testing.do_bench_cudagraph)."""
+    from triton.testing import do_bench_cudagraph
     dev = "cuda"
     bar = torch.zeros(2, dtype=torch.int32, device=dev)
     shp = triton.next_power_of_2(max(share, 1))
@@ -73,28 +75,10 @@ def time_rounds(P: int, share: int, variant: str, rounds: int, num_warps: int = 
     kw = dict(P=P, SH=max(share, 1), SHP=shp, PP=triton.next_power_of_2(P),
               SHARE=variant != "no-share" and share > 0, FENCED=variant != "relaxed",
               num_warps=num_warps)
-
-    def launch():
-        _probe_kernel[(P,)](bar, shares, out, rounds, **kw)
-
-    launch()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            launch()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / 10)
+    ms = do_bench_cudagraph(lambda: _probe_kernel[(P,)](bar, shares, out, rounds, **kw),
+                            rep=100, return_mode="median")
     assert int(bar.sum()) == 0, "barrier counters not reset"
-    return sorted(times)[len(times) // 2]
+    return ms * 1e3
 
 
 def main(argv=None) -> list[dict]:

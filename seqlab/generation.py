@@ -87,13 +87,6 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     return pick(logits, noise, temperature, top_k, top_p)
 
 
-def decode_period(model: nn.Module) -> int:
-    """Positions after which a model's decoding step repeats its structure: the product of the
-    pool factors of a multi-scale model, 1 for a flat one."""
-    factors = getattr(getattr(model, "config", None), "pool_factors", None) or []
-    return math.prod(int(p) for p in factors)
-
-
 class _Decoder:
     """Fixed buffers (cache, current ids, noise, chunk output) and, on CUDA, the CUDA graphs of
     one chunk of decoding steps over them (one per starting phase; a flat model has one)."""
@@ -104,8 +97,11 @@ class _Decoder:
         # would keep every model that ever generated alive.
         self._model, self.vocab = weakref.ref(model), vocab
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.period = decode_period(model)
-        self.multiscale = bool(getattr(getattr(model, "config", None), "pool_factors", None))
+        # A multi-scale model's step repeats its structure every prod(pool_factors) positions
+        # (its period); a flat model's every position.
+        factors = getattr(getattr(model, "config", None), "pool_factors", None) or []
+        self.multiscale = bool(factors)
+        self.period = math.prod(int(p) for p in factors)
         self.steps = -(-CHUNK // self.period) * self.period  # whole periods per chunk
         self.cache = model.allocate_cache(batch, dtype)
         self.pos = 0  # positions the cache has taken (set by generate() after the prefill)
