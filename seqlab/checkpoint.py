@@ -29,11 +29,14 @@ the load fails naming the keys. Pickle files are only ever read with ``weights_o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
+import struct
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -41,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import seqlab
+from seqlab.errors import CheckpointError
 from seqlab.model.config import MambaConfig
 from seqlab.utils import atomic_directory
 
@@ -48,6 +52,7 @@ FORMAT_VERSION = 1
 ARCHITECTURES = ("MambaLM", "SequenceClassifier", "MaskedLM", "Backbone")
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CHECKSUMS_NAME = "checksums.json"
 
 
 
@@ -116,15 +121,10 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike, config: Mam
     if complements:  # e.g. a converted Caduceus-PS model on Caduceus' own token ids
         meta["complement"] = complements
     with atomic_directory(directory) as tmp:
-        weights = tmp / WEIGHTS_NAME
-        save_file(tensors, str(weights), metadata={"ties": json.dumps(ties),
-                                                   "format": "pt"})
-        _fsync_file(weights)
-        config_path = tmp / CONFIG_NAME
-        config_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _fsync_file(config_path)
-        _fsync_dir(tmp)  # the two entries are durable before the rename publishes them
-    _fsync_dir(directory.parent)  # the rename itself is durable
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"ties": json.dumps(ties),
+                                                               "format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_checksums(tmp)
     return directory
 
 
@@ -138,6 +138,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     ``strict`` (default) raises on missing or unexpected keys, naming them.
     """
     directory = Path(directory)
+    verify_checkpoint(directory)
     meta = _read_config(directory)
     if "seqlab_version" not in meta:
         raise ValueError(f"{directory / CONFIG_NAME}: not a seqlab checkpoint (no 'seqlab_version'); "
@@ -155,7 +156,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{directory}: holds {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    state = load_file(str(weights))
+    state = _read_safetensors(weights)
     with safe_open(str(weights), framework="pt") as f:
         ties = json.loads((f.metadata() or {}).get("ties", "{}"))
     for alias, source in ties.items():
@@ -699,6 +700,114 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
+# ============================================================================ integrity
+def write_checksums(directory: str | os.PathLike) -> dict:
+    """Record the size and SHA-256 of every file in ``directory`` as checksums.json.
+
+    Called on a checkpoint's temporary folder just before it is published;
+    :func:`verify_checkpoint` checks a folder against it before anything is loaded."""
+    directory = Path(directory)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS_NAME}
+    record = {"format_version": 1, "files": files}
+    (directory / CHECKSUMS_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def verify_checkpoint(directory: str | os.PathLike, require: tuple[str, ...] = ()) -> None:
+    """Raise CheckpointError (naming the file and what is wrong) unless ``directory`` holds an
+    intact checkpoint.
+
+    With checksums.json (every checkpoint seqlab writes): each recorded file must be present
+    with its recorded size and SHA-256. Without it (checkpoints of older seqlab versions):
+    config.json and JSON files must parse, the safetensors header must describe exactly the
+    file's size, and pickled optimizer states must be whole zip archives. ``require`` names
+    files that must be present in either case (e.g. trainer_state.json to resume).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a checkpoint folder")
+    for name in (CONFIG_NAME, WEIGHTS_NAME, *require):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+    sums = directory / CHECKSUMS_NAME
+    if sums.is_file():
+        try:
+            record = json.loads(sums.read_text())
+            files = record["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{sums}: unreadable ({err})") from None
+        for name, want in files.items():
+            path = _confined(directory, name, CHECKSUMS_NAME)
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing (recorded in {CHECKSUMS_NAME})")
+            size = path.stat().st_size
+            if size != want.get("bytes"):
+                raise CheckpointError(f"{path}: {size} bytes, {want.get('bytes')} when written "
+                                      "(truncated or replaced)")
+            if _sha256(path) != want.get("sha256"):
+                raise CheckpointError(f"{path}: contents differ from when it was written "
+                                      "(SHA-256 mismatch)")
+        return
+    for path in sorted(directory.iterdir()):
+        if path.suffix == ".json":
+            try:
+                json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        elif path.suffix == ".safetensors":
+            _check_safetensors_size(path)
+        elif path.suffix in (".pt", ".bin"):
+            try:
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise CheckpointError(f"{path}: not a whole torch archive ({err})") from None
+            if bad is not None:
+                raise CheckpointError(f"{path}: member {bad} is corrupt")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_safetensors_size(path: Path) -> None:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: {size} bytes, but its header describes {8 + n + end} "
+                              "(truncated or padded)")
+
+
+def _confined(directory: Path, name: str, named_in: str) -> Path:
+    """``directory / name`` when it stays inside ``directory``; CheckpointError otherwise.
+
+    Index files and checksums name files by relative path; a downloaded checkpoint must not
+    make seqlab read outside its own folder (absolute paths, '..', links out)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+        raise CheckpointError(f"{directory / named_in}: names {name!r}, which is not a relative "
+                              "path inside the checkpoint folder; refusing to read it")
+    root = directory.resolve()
+    path = (directory / name).resolve()
+    if path != root and root not in path.parents:
+        raise CheckpointError(f"{directory / named_in}: names {name!r}, which lies outside the "
+                              f"checkpoint folder {directory}; refusing to read it")
+    return directory / name
+
+
 def _build(architecture: str, config: MambaConfig, head: dict) -> torch.nn.Module:
     # Imported here so that this module (and seqlab's import) does not pull in the model layer.
     import seqlab.model as models
@@ -716,8 +825,8 @@ def _read_config(directory: Path) -> dict:
                                 f"(files present: {present})")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -728,17 +837,25 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
             return reader(directory / name)
         index = directory / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(f"{index}: not a weight index ({err})") from None
+            paths = [_confined(directory, shard, index.name) for shard in shards]
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(reader(directory / shard))
+            for path in paths:
+                state.update(reader(path))
             return state
     raise FileNotFoundError(f"{directory}: no weights found; expected {WEIGHTS_NAME} or "
                             "pytorch_model.bin (or a sharded *.index.json of either)")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError, with no file name
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -790,19 +907,6 @@ def _refuse_foreign_directory(directory: Path) -> None:
     if any(directory.iterdir()) and not is_ours:
         raise FileExistsError(f"save_model: {directory} is a non-empty directory that is not a "
                               "seqlab checkpoint; refusing to replace it. Choose another path")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _names(keys: list[str], limit: int = 12) -> str:

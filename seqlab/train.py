@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import save_file
 
 from . import distributed as D
+from .checkpoint import write_checksums
+from .errors import CheckpointError, RunDirError
 from .model.backbone import param_groups
-from .utils import (atomic_directory, atomic_write_json, atomic_write_text, cosine_lr,
-                    resolve_device)
+from .progress import progress
+from .rundir import RunDir
+from .utils import atomic_directory, atomic_write_json, atomic_write_text, cosine_lr, resolve_device
 
 log = logging.getLogger("seqlab.train")
 
@@ -60,6 +62,9 @@ class TrainerConfig:
     # shapes; seqlab.cuda_graphs): removes the kernel-launch cost that bounds small models.
     cuda_graph: bool = False
     progress: bool = True
+    # The trainer group the settings came from (recipes/trainer/<profile>.yaml). A "gpu" profile
+    # on a machine without CUDA runs on the CPU and says so; device=cuda there is an error.
+    profile: str = "cpu"
 
 
 class Task:
@@ -86,69 +91,6 @@ class Task:
     def finish(self, model: torch.nn.Module, run: "RunDir", device: torch.device) -> dict[str, Any]:
         """Final evaluation, plots and summary on rank 0; returns the summary."""
         return {}
-
-
-class RunDir:
-    """One run's directory: config.yaml, metrics.jsonl, status.json, checkpoints/, plots/.
-
-    status.json says "running", "failed" (with the error) or "completed"; only a finished run
-    says "completed", so a killed or crashed run never looks complete.
-    """
-
-    def __init__(self, path: str | os.PathLike, is_main: bool = True):
-        self.path = Path(path)
-        self.is_main = is_main
-        self.ckpt_dir = self.path / "checkpoints"
-        self.plots_dir = self.path / "plots"
-        if is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.plots_dir.mkdir(exist_ok=True)
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    def write_config(self, text: str) -> None:
-        if self.is_main:
-            atomic_write_text(self.path / "config.yaml", text)
-
-    def set_status(self, status: str, **extra) -> None:
-        if self.is_main:
-            atomic_write_json(self.path / "status.json",
-                              {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               **extra})
-
-    def status(self) -> dict | None:
-        p = self.path / "status.json"
-        return json.loads(p.read_text()) if p.exists() else None
-
-    def log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
-                f.flush()
-
-    def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
-
-    def truncate_metrics(self, step: int) -> None:
-        """Drop records logged after ``step`` (a resumed run redoes those steps)."""
-        if not self.is_main or not self.metrics_path.exists():
-            return
-        keep = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
-
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.exists():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        if not (path / "trainer_state.json").exists():
-            raise FileNotFoundError(f"{pointer} names {path}, which holds no trainer_state.json; "
-                                    "the checkpoint directory was altered by hand")
-        return path
 
 
 # ----------------------------------------------------------------------------- weights
@@ -178,15 +120,20 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict | No
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a safetensors file written by :func:`save_weights` into ``model`` (strict)."""
     from safetensors import safe_open
-    state = load_file(str(path))
+    from .checkpoint import _read_safetensors
+    state = _read_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         ties = json.loads((f.metadata() or {}).get("ties", "{}"))
     for k, src in ties.items():
         state[k] = state[src]
-    missing, unexpected = D.unwrap(model).load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = D.unwrap(model).load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{path}: checkpoint does not fit the model: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise KeyError(f"{path}: checkpoint does not match the model: missing keys {missing}, "
-                       f"unexpected keys {unexpected}")
+        raise CheckpointError(f"{path}: checkpoint does not match the model: missing keys "
+                              f"{missing}, unexpected keys {unexpected}")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -200,15 +147,22 @@ def lr_at(step: int, cfg: TrainerConfig) -> float:
 
 # ----------------------------------------------------------------------------- trainer
 class Trainer:
+    """Runs a :class:`Task` in a run directory (seqlab.rundir).
+
+    ``config_text`` is written as the run's config.yaml once the run starts; ``config`` (the
+    same resolved config as a dict) is compared with the config of a run being resumed, so a
+    changed model or data setting is refused before anything is touched.
+    """
+
     def __init__(self, cfg: TrainerConfig, run: RunDir | str | os.PathLike,
-                 config_text: str | None = None):
+                 config_text: str | None = None, config: dict | None = None):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, profile=cfg.profile)
         self.dist = D.init(self.device)
         self.run = run if isinstance(run, RunDir) else RunDir(run, is_main=self.dist.is_main)
         self.run.is_main = self.dist.is_main
-        if config_text is not None:
-            self.run.write_config(config_text)
+        self.config_text = config_text
+        self.config = config
         if cfg.precision == "auto":
             self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         elif cfg.precision == "bf16":
@@ -238,6 +192,9 @@ class Trainer:
 
     # -- checkpoints
     def save_checkpoint(self, model, opt, step: int, task: Task, extra: dict) -> None:
+        """Write checkpoints/step_NNNNNNN atomically: weights, config.json, optimizer state,
+        trainer state and checksums.json (sizes and SHA-256 of each), all fsync'ed before the
+        folder is renamed into place; then point checkpoints/latest at it."""
         state = D.full_state_dict(model, self.cfg.strategy)
         opt_state = self._optimizer_state(model, opt)
         if not self.dist.is_main:
@@ -245,13 +202,15 @@ class Trainer:
         name = f"step_{step:07d}"
         with atomic_directory(self.run.ckpt_dir / name) as tmp:
             save_weights(state, tmp / "model.safetensors")
-            atomic_write_json(tmp / "config.json", task.model_spec())
+            (tmp / "config.json").write_text(json.dumps(task.model_spec(), indent=2,
+                                                        sort_keys=True, default=str) + "\n")
             torch.save(opt_state, tmp / "optimizer.pt")
-            atomic_write_json(tmp / "trainer_state.json",
-                              {"step": step, "world_size": self.dist.world_size,
-                               "trainer": asdict(self.cfg), **extra})
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "world_size": self.dist.world_size,
+                 "trainer": asdict(self.cfg), **extra}, indent=2, sort_keys=True) + "\n")
+            write_checksums(tmp)
         atomic_write_text(self.run.ckpt_dir / "latest", name + "\n")
-        kept = sorted(p for p in self.run.ckpt_dir.glob("step_*") if p.is_dir())
+        kept = self.run.checkpoint_dirs()
         for old in kept[:-max(1, self.cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -265,40 +224,81 @@ class Trainer:
 
     def load_checkpoint(self, path: Path, model, opt) -> dict:
         load_weights(model, path / "model.safetensors")
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        if self.cfg.strategy == "fsdp" and self.dist.enabled:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                                 set_optimizer_state_dict)
-            set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(
-                full_state_dict=True))
-        else:
-            opt.load_state_dict(opt_state)
+        try:
+            opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        except Exception as err:  # zip / unpickling errors carry no file name
+            raise CheckpointError(f"{path / 'optimizer.pt'}: unreadable ({err})") from None
+        try:
+            if self.cfg.strategy == "fsdp" and self.dist.enabled:
+                from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                     set_optimizer_state_dict)
+                set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(
+                    full_state_dict=True))
+            else:
+                opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this model's "
+                                  f"optimizer ({err})") from None
         return json.loads((path / "trainer_state.json").read_text())
+
+    def _resume_point(self, resume: bool) -> Path | None:
+        """Rank 0 checks the run directory and picks the checkpoint; every rank gets its
+        answer (or its refusal), so no rank waits on one that gave up."""
+        found, error = None, None
+        if self.dist.is_main:
+            try:
+                found = self.run.resume_point(self.config, resume)
+            except RunDirError as err:
+                error = str(err)
+        found, error = D.broadcast_object((str(found) if found else None, error))
+        if error:
+            raise RunDirError(error)
+        return Path(found) if found else None
 
     # -- main loop
     def fit(self, task: Task, resume: bool = True) -> dict:
+        """Train ``task`` to ``max_steps`` (or the time budget), resuming the run directory's
+        newest intact checkpoint; returns the summary. The directory is locked for the whole
+        call; a start refused before training begins leaves it as it was."""
         cfg = self.cfg
         run = self.run
-        torch.manual_seed(cfg.seed)
-        raw = task.build_model(self.device)
-        start_step = 0
-        ckpt = run.latest_checkpoint() if resume else None
-        opt_model = raw
-        if ckpt is not None:
-            # Weights before wrapping, so DDP broadcasts / FSDP shards the loaded values.
-            load_weights(raw, ckpt / "model.safetensors")
-        model = D.wrap_model(raw, cfg.strategy, self.device, self.dist)
-        opt_model = model if cfg.strategy == "fsdp" else raw
-        opt = torch.optim.AdamW(param_groups(opt_model, cfg.weight_decay), lr=cfg.lr,
-                                betas=(cfg.beta1, cfg.beta2),
-                                fused=self.device.type == "cuda")
-        if ckpt is not None:
-            state = self.load_checkpoint(ckpt, model, opt)
-            start_step = int(state["step"])
-            run.truncate_metrics(start_step)
-            log.info("resumed from %s at step %d", ckpt, start_step)
-        step_model = self._graphed(model)
-        run.set_status("running", step=start_step)
+        run.acquire()
+        try:
+            torch.manual_seed(cfg.seed)
+            ckpt = self._resume_point(resume)
+            raw = task.build_model(self.device)
+            start_step = 0
+            if ckpt is not None:
+                # Weights before wrapping, so DDP broadcasts / FSDP shards the loaded values.
+                load_weights(raw, ckpt / "model.safetensors")
+            model = D.wrap_model(raw, cfg.strategy, self.device, self.dist)
+            opt_model = model if cfg.strategy == "fsdp" else raw
+            opt = torch.optim.AdamW(param_groups(opt_model, cfg.weight_decay), lr=cfg.lr,
+                                    betas=(cfg.beta1, cfg.beta2),
+                                    fused=self.device.type == "cuda")
+            if ckpt is not None:
+                state = self.load_checkpoint(ckpt, model, opt)
+                start_step = int(state["step"])
+            step_model = self._graphed(model)
+        except BaseException:
+            run.abandon()
+            raise
+        run.begin(self.config_text, step=start_step)
+        try:
+            if ckpt is not None:
+                run.truncate_metrics(start_step)
+                log.info("resumed from %s at step %d", ckpt, start_step)
+            elif self.dist.is_main and run.metrics_path.exists():
+                run.metrics_path.unlink()  # a fresh start: no records of an earlier attempt
+            return self._loop(task, model, raw, opt, step_model, start_step)
+        except BaseException as exc:
+            run.fail(exc)
+            raise
+        finally:
+            run.release()
+
+    def _loop(self, task: Task, model, raw, opt, step_model, start_step: int) -> dict:
+        cfg, run = self.cfg, self.run
         n_params = sum(p.numel() for p in raw.parameters())
         if self.dist.is_main:
             log.info("model: %.2fM parameters on %s (world size %d, precision %s)",
@@ -306,14 +306,25 @@ class Trainer:
                      self.amp_dtype or "fp32")
         t_start = time.time()
         step = start_step
-        pbar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step",
-                    disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        bar = progress(total=cfg.max_steps, initial=start_step, desc="train", unit="step",
+                       every=cfg.log_every, enabled=cfg.progress and self.dist.is_main)
         window: dict[str, float] = {}
         window_n = 0
         tokens = 0
         t_window = time.time()
         stopped_early = False
-        try:
+        lr = lr_at(step, cfg)
+
+        def log_window() -> None:
+            nonlocal window, window_n, tokens, t_window
+            avg = D.all_reduce_mean({k: v / window_n for k, v in window.items()}, self.device)
+            dt = time.time() - t_window
+            run.log({"step": step, "split": "train", "lr": lr, **avg,
+                     "tokens_per_s": tokens * self.dist.world_size / max(dt, 1e-9)})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items() if k in ("loss", "acc")})
+            window, window_n, tokens, t_window = {}, 0, 0, time.time()
+
+        with bar:
             while step < cfg.max_steps:
                 if cfg.max_minutes and (time.time() - t_start) / 60 > cfg.max_minutes:
                     stopped_early = True
@@ -330,40 +341,33 @@ class Trainer:
                     window[k] = window.get(k, 0.0) + v
                 window_n += 1
                 step += 1
-                pbar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    avg = D.all_reduce_mean({k: v / window_n for k, v in window.items()},
-                                            self.device)
-                    dt = time.time() - t_window
-                    rec = {"step": step, "split": "train", "lr": lr, **avg,
-                           "tokens_per_s": tokens * self.dist.world_size / max(dt, 1e-9)}
-                    run.log(rec)
-                    pbar.set_postfix({k: f"{v:.4g}" for k, v in avg.items() if k in ("loss", "acc")})
-                    window, window_n, tokens, t_window = {}, 0, 0, time.time()
+                    log_window()
+                bar.update(1)
+                run.heartbeat(step)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     self._evaluate(task, model, step)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
                     self.save_checkpoint(model, opt, step, task, {})
-            pbar.close()
-            self.save_checkpoint(model, opt, step, task, {"stopped_early": stopped_early})
-            final = self._evaluate(task, model, step)
-            summary: dict[str, Any] = {"step": step, "stopped_early": stopped_early,
-                                       "train_minutes": (time.time() - t_start) / 60,
-                                       "params_M": n_params / 1e6, **final}
-            if self.dist.is_main:
-                summary.update(task.finish(D.unwrap(model), run, self.device) or {})
-                from .plots import plot_training_curves
-                curves = plot_training_curves(run.read_metrics(), run.plots_dir / "training.png")
-                if curves:
-                    summary["training_plot"] = str(curves)
-                atomic_write_json(run.path / "summary.json", summary)
-            D.barrier()
-            run.set_status("completed", step=step)
-            return summary
-        except BaseException as exc:
-            pbar.close()
-            run.set_status("failed", step=step, error=f"{type(exc).__name__}: {exc}")
-            raise
+                    run.heartbeat(step, force=True)
+            if window_n:  # the last, partial logging window (a time budget cut it short)
+                log_window()
+        self.save_checkpoint(model, opt, step, task, {"stopped_early": stopped_early})
+        run.heartbeat(step, force=True)
+        final = self._evaluate(task, model, step)
+        summary: dict[str, Any] = {"step": step, "stopped_early": stopped_early,
+                                   "train_minutes": (time.time() - t_start) / 60,
+                                   "params_M": n_params / 1e6, **final}
+        if self.dist.is_main:
+            summary.update(task.finish(D.unwrap(model), run, self.device) or {})
+            from .plots import plot_training_curves
+            curves = plot_training_curves(run.read_metrics(), run.plots_dir / "training.png")
+            if curves:
+                summary["training_plot"] = str(curves)
+            atomic_write_json(run.path / "summary.json", summary)
+        D.barrier()
+        run.complete(step=step)
+        return summary
 
     def _train_step(self, task: Task, model, opt, step: int, step_model) -> dict[str, float]:
         """One optimizer step; ``step_model`` is what the task's loss calls (``model`` itself,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import ConfigError
 
 
 def sync_device(device: torch.device) -> None:
@@ -26,17 +29,27 @@ def cosine_lr(lr: float, min_lr_ratio: float, progress: float) -> float:
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" -> the local CUDA device when there is one, else the CPU."""
+def resolve_device(device: str = "auto", profile: str | None = None) -> torch.device:
+    """"auto" -> the local CUDA device when there is one, else the CPU.
+
+    ``profile`` names the trainer group the setting came from: "gpu" with device "auto" on a
+    machine without CUDA runs on the CPU and logs one line saying so."""
     if device == "auto":
         if torch.cuda.is_available():
             rank = int(os.environ.get("LOCAL_RANK", "0"))
             return torch.device("cuda", rank % torch.cuda.device_count())
+        if profile == "gpu":
+            logging.getLogger("seqlab").warning(
+                "trainer=gpu, but this machine has no CUDA device: running on the CPU "
+                "(set trainer.device=cuda to make that an error)")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but no CUDA device is available; "
-                         "use device=cpu (or auto)")
+        raise ConfigError(f"device={device!r} was asked for but no CUDA device is available; "
+                          "use device=cpu (or auto)")
     return dev
 
 
@@ -54,6 +67,31 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | os.PathLike, directory: bool | None = None) -> None:
+    """Give ``path`` the mode a plain ``open()`` / ``mkdir()`` would (0o666 / 0o777 less the
+    umask). Temporary files and folders are created private (0o600 / 0o700); everything a run
+    publishes gets the same, ordinary mode."""
+    path = Path(path)
+    if directory is None:
+        directory = path.is_dir()
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)
@@ -64,6 +102,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        publish_mode(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -79,14 +118,24 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 def atomic_directory(final: str | os.PathLike):
     """Yield a temporary directory beside ``final``; on success it is renamed to ``final``.
 
-    On any error the temporary directory is removed, so a half-written checkpoint or output
-    never sits under the final name.
+    Before the rename every file in it and the folder itself are fsync'ed and given ordinary
+    modes, and after it the parent is fsync'ed, so a crash never leaves a half-written
+    directory under the final name. On any error the temporary directory is removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        for p in sorted(tmp.rglob("*"), reverse=True):  # files before their folders
+            if p.is_file():
+                fsync_path(p)
+                publish_mode(p, directory=False)
+            elif p.is_dir():
+                fsync_path(p)
+                publish_mode(p, directory=True)
+        fsync_path(tmp)
+        publish_mode(tmp, directory=True)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             if old.exists():
@@ -96,6 +145,7 @@ def atomic_directory(final: str | os.PathLike):
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from seqlab import checkpoint as ckpt
-from seqlab.checkpoint import load_model, load_pretrained, save_model
+from seqlab.checkpoint import load_model, load_pretrained, save_model, write_checksums
 from seqlab.model.config import MambaConfig
 
 from seqlab.model import Backbone, MaskedLM, MambaLM, SequenceClassifier
@@ -130,6 +130,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     state["backbone.layers.1.mixer.A_log_typo"] = torch.zeros(3)
     save_file(state, str(path), metadata={"ties": json.dumps({"lm_head.weight":
                                                               "backbone.embedding.weight"})})
+    write_checksums(tmp_path / "ck")  # an intact file whose keys do not fit the model
     with pytest.raises(KeyError) as err:
         load_model(tmp_path / "ck")
     assert "backbone.layers.1.mixer.A_log'" in str(err.value)
@@ -475,3 +476,32 @@ def test_transformers_untied_sharded_bfloat16(tmp_path):
         torch.testing.assert_close(model(x), hf_logits(hf, x), rtol=1e-4, atol=1e-4)
     half = load_pretrained(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                   "sub/../../outside.safetensors"])
+def test_sharded_index_cannot_reach_outside_its_folder(tmp_path, shard):
+    """A downloaded checkpoint's weight index names files; none outside the folder is read."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"d_model": 16, "n_layer": 1,
+                                                    "vocab_size": 260}))
+    outside = tmp_path / "outside.safetensors"
+    save_file({"backbone.embedding.weight": torch.zeros(260, 16)}, str(outside))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"backbone.embedding.weight": shard}}))
+    with pytest.raises(ckpt.CheckpointError, match="refusing to read it") as err:
+        load_pretrained(folder)
+    assert shard in str(err.value)
+
+
+def test_saved_model_is_verified_before_loading(tmp_path):
+    config = tiny()
+    save_model(MambaLM(config), tmp_path / "ck", config)
+    assert (tmp_path / "ck" / "checksums.json").exists()
+    weights = tmp_path / "ck" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor: parses, but is not what was saved
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
+        load_model(tmp_path / "ck")

@@ -67,7 +67,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Trainer(_cfg(), part).fit(crashing)
     status = json.loads((part / "status.json").read_text())
-    assert status["status"] == "failed" and "simulated kill" in status["error"]
+    assert status["status"] == "interrupted" and "simulated kill" in status["error"]
     assert not (part / "summary.json").exists()
     assert (part / "checkpoints" / "latest").read_text().strip() == "step_0000006"
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..errors import RunDirError
 from ..model.config import MambaConfig
-from ..train import RunDir, Trainer, TrainerConfig
+from ..rundir import RunDir
+from ..train import Trainer, TrainerConfig
 from ..utils import atomic_write_json, repo_root
 
 log = logging.getLogger("seqlab")
@@ -44,9 +46,25 @@ def resolve_path(p: str | Path, must_exist: bool = True, what: str = "file") -> 
 
 
 def make_trainer(cfg: DictConfig) -> Trainer:
+    """The Trainer of a training job; it writes nothing until :meth:`Trainer.fit` starts."""
     tcfg = trainer_config(cfg)
-    run = RunDir(cfg.run_dir)
-    return Trainer(tcfg, run, config_text=OmegaConf.to_yaml(cfg, resolve=True))
+    return Trainer(tcfg, RunDir(cfg.run_dir), config_text=OmegaConf.to_yaml(cfg, resolve=True),
+                   config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def fit(cfg: DictConfig, task_factory) -> tuple[dict, Trainer]:
+    """Lock the run directory, build the task (``task_factory(cfg)``), train it.
+
+    The lock comes first, so a second run on the same directory stops at once; a task that
+    cannot be built (bad data, say) leaves the directory as it was."""
+    trainer = make_trainer(cfg)
+    trainer.run.acquire()
+    try:
+        task = task_factory(cfg)
+    except BaseException:
+        trainer.run.abandon()
+        raise
+    return trainer.fit(task, resume=cfg.get("resume", True)), trainer
 
 
 def print_summary(title: str, summary: dict, run: RunDir) -> None:
@@ -61,17 +79,18 @@ def print_summary(title: str, summary: dict, run: RunDir) -> None:
 
 @contextmanager
 def tracked_run(cfg: DictConfig):
-    """Run directory of a job without training: writes config.yaml and status "running", yields
-    (run, summary dict to fill); on success writes summary.json then status "completed", on any
-    error status "failed" with the error, so a broken run never looks complete."""
+    """Run directory of a job without training: locks it, writes config.yaml and status
+    "running", yields (run, summary dict to fill); on success writes summary.json then status
+    "completed", on any error status "failed" (or "interrupted") with the error, so a broken
+    run never looks complete. A directory holding a completed run is refused."""
     run = RunDir(cfg.run_dir)
-    run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    run.set_status("running")
-    summary: dict = {}
-    try:
+    with run:
+        status = run.status()
+        if status and status.get("status") == "completed":
+            raise RunDirError(f"run_dir {run.path} already holds a completed run; choose another "
+                              "run_dir (or leave run_dir unset for a new one)")
+        run.begin(OmegaConf.to_yaml(cfg, resolve=True))
+        summary: dict = {}
         yield run, summary
         atomic_write_json(run.path / "summary.json", summary)
-        run.set_status("completed")
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        run.complete()
