@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import RunDirError
+from ..errors import ConfigError, MissingInput, RunDirError
 from ..model.config import MambaConfig
 from ..rundir import RunDir
 from ..train import Trainer, TrainerConfig
@@ -21,7 +21,7 @@ def typed(schema, node, where: str):
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node or {})
     except Exception as exc:  # omegaconf raises several error types; name the node for the user
-        raise SystemExit(f"seqlab: invalid `{where}` config: {exc}") from exc
+        raise ConfigError(f"invalid `{where}` config: {exc}") from None
     return OmegaConf.to_object(merged)
 
 
@@ -42,7 +42,7 @@ def resolve_path(p: str | Path, must_exist: bool = True, what: str = "file") -> 
     alt = repo_root() / path
     if alt.exists() or not must_exist:
         return alt if alt.exists() else path
-    raise SystemExit(f"seqlab: {what} {p} not found (looked in {Path.cwd()} and {repo_root()})")
+    raise MissingInput(f"{what} {p} not found (looked in {Path.cwd()} and {repo_root()})")
 
 
 def make_trainer(cfg: DictConfig) -> Trainer:
