@@ -1,5 +1,6 @@
 """Alphabet, Genome (plain and bgzipped FASTA) and dataset preparation, on tiny files."""
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,21 +9,34 @@ import yaml
 from Bio import bgzf
 
 from seqlab.data import genome as genome_mod
+from seqlab.data import prepare as prepare_mod
 from seqlab.data.alphabet import (CLS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE, complement_table,
                                   decode_ids, encode_bytes, reverse_complement_ids)
 from seqlab.data.genome import Genome, Region, reverse_complement
 from seqlab.data.prepare import accession_of, debian_sources, prepare_species
 from seqlab.data.species import SpeciesManifest
+from seqlab.errors import DataError
+
+BUNDLE = Path(__file__).resolve().parents[1] / "datasets" / "bacteria"
 
 TINY = ">chr1 first contig\nACGTAC\nGTTTGA\nNNa\n>chr2\nggccAATT\nCG\n"
 CHR1 = "ACGTACGTTTGANNa"
 CHR2 = "ggccAATTCG"
 
 
-def write_bgzf(path, text: bytes):
+def write_bio_bgzf(path, text: bytes):
+    """BGZF as Bio.bgzf.BgzfWriter writes it: 65,536-byte blocks, unlike bgzip's 65,280."""
     with bgzf.BgzfWriter(str(path), "wb") as fh:
         fh.write(text)
     return path
+
+
+def random_text(rng, n: int) -> str:
+    return "".join(rng.choice(list("ACGT"), size=n))
+
+
+def wrap(seq: str, width: int) -> str:
+    return "".join(seq[i: i + width] + "\n" for i in range(0, len(seq), width))
 
 
 @pytest.fixture
@@ -113,7 +127,7 @@ def test_bgzip_round_trip_across_blocks(tmp_path):
     rng = np.random.default_rng(0)
     seqs = {f"ctg{i}": "".join(rng.choice(list("ACGTN"), size=n)) for i, n in enumerate([150_000, 70_001])}
     text = "".join(f">{k}\n" + "\n".join(s[j:j + 60] for j in range(0, len(s), 60)) + "\n" for k, s in seqs.items())
-    path = write_bgzf(tmp_path / "big.fa.gz", text.encode())
+    path = write_bio_bgzf(tmp_path / "big.fa.gz", text.encode())
     g = Genome(path)
     assert (tmp_path / "big.fa.gz.fai").is_file() and (tmp_path / "big.fa.gz.gzi").is_file()
     assert g.lengths == {k: len(s) for k, s in seqs.items()}
@@ -121,6 +135,84 @@ def test_bgzip_round_trip_across_blocks(tmp_path):
         for start in (0, 65_530, len(s) - 77):  # 65,536 is the BGZF block size: straddle one
             assert g.fetch(name, start, start + 77) == s[start:start + 77]
     assert g.fetch("ctg1", 0, len(seqs["ctg1"])) == seqs["ctg1"]
+
+
+def block_starts(path) -> list[tuple[int, int]]:
+    """(uncompressed start, uncompressed length) of every BGZF block of `path`, EOF block included."""
+    with open(path, "rb") as fh:
+        return [(ustart, ulen) for _, _, ustart, ulen in bgzf.BgzfBlocks(fh)]
+
+
+def check_reads_at_block_starts(path) -> int:
+    """Read 1 kb from every base that is the first byte of a BGZF block of `path` and compare
+    with the decompressed text; returns how many block starts were such a base."""
+    text = gzip.decompress(Path(path).read_bytes()).decode()
+    g = Genome(path)
+    blocks = block_starts(path)
+    hits = 0
+    for row in Path(str(path) + ".fai").read_text().splitlines():
+        name, *nums = row.split("\t")
+        rlen, offset, lenc, lenb = map(int, nums)
+        last = offset + (rlen - 1) // lenc * lenb + (rlen - 1) % lenc  # byte of the last base
+        seq = text[offset: last + 1].replace("\n", "")
+        assert len(seq) == rlen
+        for ustart, ulen in blocks:
+            line, col = divmod(ustart - offset, lenb)
+            if ulen and offset <= ustart <= last and col < lenc:  # a base, not a newline
+                pos = line * lenc + col
+                assert g.fetch(name, pos, min(pos + 1000, rlen)) == seq[pos: pos + 1000], (name, pos)
+                hits += 1
+    return hits
+
+
+def test_reads_exact_at_every_block_start_of_the_bundled_files():
+    files = sorted(BUNDLE.rglob("*.fa.gz"))
+    assert len(files) == 16
+    hits = 0
+    for path in files:
+        sizes = [ulen for _, ulen in block_starts(path)]
+        # bgzip's layout: full 65,280-byte blocks, a shorter last one, then the empty EOF block
+        assert set(sizes[:-2]) == {prepare_mod.BGZIP_BLOCK_SIZE} and sizes[-1] == 0, path
+        hits += check_reads_at_block_starts(path)
+    assert hits == 16 * 6  # 7 data blocks per file; each block but the first starts on a base
+
+
+def test_reads_exact_at_every_block_start_of_65536_byte_blocks(tmp_path):
+    rng = np.random.default_rng(3)
+    seqs = [random_text(rng, 128_000), random_text(rng, 400_000)]
+    first = ">c0\n" + wrap(seqs[0], 60)
+    # pad c1's header so that c1's sequence starts exactly at the third block (2 * 65,536),
+    # where reading one byte early to dodge the block edge would not work
+    header = ">c1 " + "x" * (2 * 65_536 - len(first) - 5) + "\n"
+    path = write_bio_bgzf(tmp_path / "bio.fa.gz", (first + header + wrap(seqs[1], 60)).encode())
+    assert [u for u, _ in block_starts(path)][:4] == [0, 65_536, 2 * 65_536, 3 * 65_536]
+    g = Genome(path)
+    assert g.fetch("c1", 0, 1000) == seqs[1][:1000]
+    assert check_reads_at_block_starts(path) == 8  # every block but the first starts on a base
+
+
+def test_write_bgzf_layout_and_rewrite_bgzf(tmp_path):
+    rng = np.random.default_rng(4)
+    text = (">a\n" + wrap(random_text(rng, 200_000), 70)).encode()
+    path = prepare_mod.write_bgzf(tmp_path / "w.fa.gz", [text[:1000], text[1000:]])
+    b = prepare_mod.BGZIP_BLOCK_SIZE
+    assert block_starts(path) == [(0, b), (b, b), (2 * b, b), (3 * b, len(text) - 3 * b),
+                                  (len(text), 0)]
+    assert gzip.decompress(path.read_bytes()) == text
+    old = write_bio_bgzf(tmp_path / "old.fa.gz", text)
+    fai = Path(str(old) + ".fai")
+    Genome(old).close()
+    before = fai.read_text()
+    assert prepare_mod.rewrite_bgzf(old) == old
+    assert block_starts(old) == block_starts(path) and gzip.decompress(old.read_bytes()) == text
+    assert fai.read_text() == before and Path(str(old) + ".gzi").is_file()
+    assert check_reads_at_block_starts(old) == 3
+    cut = tmp_path / "cut.fa.gz"
+    half = old.read_bytes()[: old.stat().st_size // 2]
+    cut.write_bytes(half)
+    with pytest.raises(DataError, match=r"cut.fa.gz: cannot decompress \(EOFError"):
+        prepare_mod.rewrite_bgzf(cut)
+    assert cut.read_bytes() == half  # left as it was
 
 
 def test_genome_reopens_after_fork_and_pickles(tiny):
@@ -147,7 +239,7 @@ def test_read_only_folder_builds_index_in_cache(tiny, tmp_path, monkeypatch):
 
 
 def test_read_only_folder_uses_shipped_index(tmp_path, monkeypatch):
-    path = write_bgzf(tmp_path / "ship.fa.gz", TINY.encode())
+    path = write_bio_bgzf(tmp_path / "ship.fa.gz", TINY.encode())
     Genome(path)  # writes .fai/.gzi beside it, as prepare_species does
     monkeypatch.setattr(genome_mod.os, "access", lambda path, mode: False)
     g = Genome(path, cache_dir=tmp_path / "cache")
@@ -201,7 +293,7 @@ def test_error_truncated_bgzip(tmp_path):
     rng = np.random.default_rng(1)
     seq = "".join(rng.choice(list("ACGT"), size=200_000))
     text = ">c1\n" + "\n".join(seq[j:j + 80] for j in range(0, len(seq), 80)) + "\n"
-    good = write_bgzf(tmp_path / "good.fa.gz", text.encode()).read_bytes()
+    good = write_bio_bgzf(tmp_path / "good.fa.gz", text.encode()).read_bytes()
     bad = tmp_path / "cut.fa.gz"
     bad.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match="cut.fa.gz: corrupt or truncated"):
@@ -223,11 +315,13 @@ def test_prepare_species_slices_splits_and_provenance(tmp_path):
     hdr = {k: f"gi|1|ref|NC_00000{i}.1| strain {k}" for i, k in enumerate(seqs)}
     src = {k: _strain(tmp_path, k, hdr[k], s) for k, s in seqs.items()}
     path = prepare_species({"Alpha": [src["a1"], src["a2"], src["a3"]], "Beta": [src["b1"], src["b2"]]},
-                           tmp_path / "out", bytes_per_strain=12_000)
+                           tmp_path / "out", bases_per_strain=12_000)
     doc = yaml.safe_load(path.read_text())
+    assert doc["bases_per_strain_requested"] == 12_000
     a = {e["strain"]: e for e in doc["species"]["Alpha"]}
     b = {e["strain"]: e for e in doc["species"]["Beta"]}
     assert [a[s]["split"] for s in ("a1", "a2", "a3")] == ["train", "val", "test"]
+    assert [a[s]["bases"] for s in ("a1", "a2", "a3")] == [12_000] * 3
     assert b["b1"]["regions"] == {"train": [0.0, 0.9], "val": [0.9, 1.0]} and b["b2"]["split"] == "test"
     # strain k of n starts k/n of the way along: a2 is strain 1 of 3 -> start (30000-12000)/3
     assert a["a2"]["slices"] == ["NC_000001.1:6000-18000"]

@@ -4,7 +4,8 @@ Coordinates are 0-based and half-open everywhere, like Python slices and BED:
 `genome["chr1"][10:20]` is the 10 bases at offsets 10..19, the same as
 `genome.fetch("chr1", 10, 20)`. Sequence is read lazily through the samtools-style
 .fai index (and, for bgzipped FASTA, the .gzi block index) by pyfaidx, so a genome of
-any size costs only its index in memory.
+any size costs only its index in memory. BGZF files read exactly at every position
+whatever block size they were written with (see `_BlockHoldingOffset`).
 
 Index placement: next to the FASTA when that folder is writable (the samtools
 convention, so other tools reuse it); when it is not (a system or site-packages
@@ -25,10 +26,36 @@ import numpy as np
 import pyfaidx
 
 from seqlab.data.alphabet import complement_table
+from seqlab.errors import DataError, MissingInput
 
 _BGZF_SUFFIXES = (".gz", ".bgz")
 # str.translate table for reverse complement of text (bytes 0..255 only).
 _RC_TRANS = bytes(complement_table()[:256].astype(np.uint8).tolist())
+
+
+class _BlockHoldingOffset(pyfaidx.BgzfBlock):
+    """A .gzi entry whose comparison with an uncompressed offset finds the block holding it.
+
+    pyfaidx 0.9.2.2 locates uncompressed offset u (Faidx.from_file, and the header read of
+    _long_name_from_bgzf) as block gzi_index[bisect_left(gzi_index, u) - 1], with blocks
+    comparing `ustart < u`. When u is exactly the first byte of block k (u == ustart of k,
+    k > 0) that picks block k - 1 at within-block offset u - ustart(k - 1) = its full length.
+    A BGZF virtual offset holds within-block offsets below 65,536 only, so for a file written
+    with 65,536-byte blocks (Bio.bgzf.BgzfWriter's size) the read fails with "Require 0 <=
+    within_block_offset < 2**16, got 65536"; `bgzip`'s 65,280-byte blocks stay legal, and
+    Bio.bgzf then reads on into block k. Comparing `ustart <= u` makes the same bisect return
+    one past the last block starting at or before u, so pyfaidx seeks into the block that
+    holds u at an offset below its length. Block-to-block comparisons are unchanged.
+    tests/test_data_genome.py reads at every block start of such files, so a pyfaidx release
+    that locates blocks differently fails there.
+    """
+
+    __slots__ = ()
+
+    def __lt__(self, other):
+        if isinstance(other, (int, float, np.integer)):
+            return self.ustart <= other
+        return super().__lt__(other)
 
 
 def default_cache_dir() -> Path:
@@ -111,8 +138,9 @@ class Genome(Mapping):
 
     Args:
         path: plain FASTA (.fa/.fasta/.fna, any line width as long as each record's lines
-            are equal) or bgzip-compressed FASTA (.gz/.bgz written by `bgzip` or Bio.bgzf;
-            plain gzip cannot be read at random and is rejected with the fix).
+            are equal) or bgzip-compressed FASTA (.gz/.bgz written by `bgzip`, Bio.bgzf or
+            `seqlab prepare`, any block size; plain gzip cannot be read at random and is
+            rejected with the fix).
         cache_dir: where to build the .fai/.gzi index when the FASTA's folder is read-only.
         fold_case: return upper-case sequence (drops soft-masking of repeats).
     Contig names are the first word of each '>' header line, as in samtools.
@@ -125,8 +153,8 @@ class Genome(Mapping):
         self.fold_case = fold_case
         self.bgzf = self.path.name.lower().endswith(_BGZF_SUFFIXES)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: FASTA file not found; check the path "
-                                    "(manifest paths are relative to the manifest's folder)")
+            raise MissingInput(f"{self.path}: FASTA file not found; check the path "
+                               "(manifest paths are relative to the manifest's folder)")
         self._check_head()
         self._faidx = None
         self._pid = None
@@ -134,8 +162,8 @@ class Genome(Mapping):
         self.lengths: dict[str, int] = {name: rec.rlen for name, rec in self._faidx.index.items()}
         for name, n in self.lengths.items():
             if n == 0:
-                raise ValueError(f"{self.path}: record {name!r} has no sequence (length 0); "
-                                 "remove the empty record from the FASTA")
+                raise DataError(f"{self.path}: record {name!r} has no sequence (length 0); "
+                                "remove the empty record from the FASTA")
 
     # --- opening and indexing -------------------------------------------------------
     def _check_head(self) -> None:
@@ -146,17 +174,17 @@ class Genome(Mapping):
                 with bgzf.BgzfReader(str(self.path), "rb") as fh:
                     head = fh.read(1)
             except (ValueError, OSError, EOFError, zlib.error, struct.error) as err:
-                raise ValueError(f"{self.path}: not a readable BGZF (block gzip) file ({err}); "
-                                 "plain gzip cannot be indexed: recompress with `bgzip` or "
-                                 "`seqlab prepare`, or gunzip it") from None
+                raise DataError(f"{self.path}: not a readable BGZF (block gzip) file ({err}); "
+                                "plain gzip cannot be indexed: recompress with `bgzip` or "
+                                "`seqlab prepare`, or gunzip it") from None
         else:
             with open(self.path, "rb") as fh:
                 head = fh.read(1)
         if not head:
-            raise ValueError(f"{self.path}: FASTA file is empty; expected records starting with '>'")
+            raise DataError(f"{self.path}: FASTA file is empty; expected records starting with '>'")
         if head != b">":
-            raise ValueError(f"{self.path}: not a FASTA file: first byte is {head!r}, expected '>' "
-                             "(a header line like '>chr1'); is this FASTQ, GenBank or a binary file?")
+            raise DataError(f"{self.path}: not a FASTA file: first byte is {head!r}, expected '>' "
+                            "(a header line like '>chr1'); is this FASTQ, GenBank or a binary file?")
 
     def _index_paths(self) -> tuple[str | None, str | None]:
         """(fai, gzi) paths for pyfaidx; None means pyfaidx's default beside the FASTA."""
@@ -186,18 +214,21 @@ class Genome(Mapping):
                                             as_raw=True, strict_bounds=True, rebuild=not shipped,
                                             sequence_always_upper=self.fold_case)
         except pyfaidx.FastaIndexingError as err:
-            raise ValueError(f"{self.path}: cannot index FASTA: {err} Every line of a record "
-                             "but its last must have the same length; rewrap it "
-                             "(e.g. `seqkit seq -w 80`)") from None
+            raise DataError(f"{self.path}: cannot index FASTA: {err} Every line of a record "
+                            "but its last must have the same length; rewrap it "
+                            "(e.g. `seqkit seq -w 80`)") from None
         except ValueError as err:
             if "Duplicate key" in str(err):
                 name = str(err).split('"')[1] if '"' in str(err) else str(err)
-                raise ValueError(f"{self.path}: duplicate contig name {name!r}: contig names (first "
-                                 "word of each '>' line) must be unique; rename one record") from None
-            raise ValueError(f"{self.path}: cannot read FASTA ({err})") from None
+                raise DataError(f"{self.path}: duplicate contig name {name!r}: contig names (first "
+                                "word of each '>' line) must be unique; rename one record") from None
+            raise DataError(f"{self.path}: cannot read FASTA ({err})") from None
         except (EOFError, OSError, zlib.error, struct.error) as err:
-            raise ValueError(f"{self.path}: corrupt or truncated FASTA/BGZF file ({type(err).__name__}: "
-                             f"{err}); re-create it (bgzip / `seqlab prepare`)") from None
+            raise DataError(f"{self.path}: corrupt or truncated FASTA/BGZF file ({type(err).__name__}: "
+                            f"{err}); re-create it (bgzip / `seqlab prepare`)") from None
+        if self.bgzf:
+            self._faidx.gzi_index = [_BlockHoldingOffset(b.cstart, b.clen, b.ustart, b.ulen)
+                                     for b in self._faidx.gzi_index]
         self._pid = os.getpid()
 
     def _handle(self) -> pyfaidx.Faidx:
@@ -261,12 +292,12 @@ class Genome(Mapping):
             try:
                 seq = self._handle().from_file(name, start + 1, end)  # pyfaidx is 1-based inclusive
             except (EOFError, OSError, ValueError, zlib.error, struct.error) as err:
-                raise ValueError(f"{self.path}: contig {name!r}: reading [{start}, {end}) failed "
-                                 f"({type(err).__name__}: {err}); the file is corrupt or truncated, "
-                                 "or its index is stale: delete the .fai/.gzi and reopen") from None
+                raise DataError(f"{self.path}: contig {name!r}: reading [{start}, {end}) failed "
+                                f"({type(err).__name__}: {err}); the file is corrupt or truncated, "
+                                "or its index is stale: delete the .fai/.gzi and reopen") from None
             if len(seq) != end - start:
-                raise ValueError(f"{self.path}: contig {name!r}: read {len(seq)} bases for [{start}, {end}); "
-                                 "the index does not match the file: delete the .fai/.gzi and reopen")
+                raise DataError(f"{self.path}: contig {name!r}: read {len(seq)} bases for [{start}, {end}); "
+                                "the index does not match the file: delete the .fai/.gzi and reopen")
             if self.fold_case:
                 seq = seq.upper()
         if strand == "-":

@@ -19,9 +19,15 @@ Manifest format (also in datasets/README.md)::
 
 Strains of one species are near-identical, so evaluation splits should hold out whole
 strains; a region split is for species with a single strain.
+
+A manifest without any val data gets one carved from its training data: the last
+CARVED_VAL_FRACTION of every train file or train region becomes val (a region split, so
+no base is in both). A species without val data in a manifest where other species have
+some is left out of validation, as for test.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +38,14 @@ import yaml
 
 from seqlab.data.genome import Genome
 from seqlab.data.windows import Interval, Window, sample_window, tile_windows
+from seqlab.errors import DataError, MissingInput
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Share of each training interval used as val when a manifest gives no val data (the same
+# share prepare_species holds out for a species with too few strains for a val strain).
+CARVED_VAL_FRACTION = 0.1
 
 
 @dataclass
@@ -48,6 +60,14 @@ class FileEntry:
 
     def splits(self) -> set[str]:
         return {self.split} if self.split is not None else set(self.regions)
+
+    def carve_val(self, fraction: float) -> None:
+        """Turn the last `fraction` of this file's train data (whole file or train region)
+        into a val region; the train part shrinks by as much."""
+        lo, hi = (0.0, 1.0) if self.split == "train" else self.regions["train"]
+        cut = lo + (1.0 - fraction) * (hi - lo)
+        self.regions = {**(self.regions or {}), "train": (lo, cut), "val": (cut, hi)}
+        self.split = None
 
 
 @dataclass
@@ -65,41 +85,44 @@ class SpeciesManifest:
     def load(cls, path: str | os.PathLike, fold_case: bool = True) -> "SpeciesManifest":
         """Read and validate a manifest. Errors name the manifest, species, file and value.
 
+        A manifest without any val data gets the last CARVED_VAL_FRACTION of every train
+        file or train region as val (the train part shrinks to match; logged).
+
         fold_case: read sequence upper-cased (soft-masking differs between assemblies and
         would otherwise tell a classifier which file a window came from).
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: species manifest not found")
+            raise MissingInput(f"{path}: species manifest not found")
         with open(path) as fh:
             try:
                 doc = yaml.safe_load(fh)
             except yaml.YAMLError as err:
-                raise ValueError(f"{path}: not valid YAML: {err}") from None
+                raise DataError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("species"), dict) or not doc["species"]:
-            raise ValueError(f"{path}: a manifest needs a non-empty 'species:' mapping of "
-                             "species name -> list of files (see datasets/README.md)")
+            raise DataError(f"{path}: a manifest needs a non-empty 'species:' mapping of "
+                            "species name -> list of files (see datasets/README.md)")
         root = path.parent
         files: list[FileEntry] = []
         for sp, entries in doc["species"].items():
             sp = str(sp)
             if not isinstance(entries, list) or not entries:
-                raise ValueError(f"{path}: species {sp!r}: expected a list of files, got {entries!r}")
+                raise DataError(f"{path}: species {sp!r}: expected a list of files, got {entries!r}")
             for k, e in enumerate(entries):
                 if not isinstance(e, dict) or "path" not in e:
-                    raise ValueError(f"{path}: species {sp!r}: entry {k} {e!r} needs a 'path:'")
+                    raise DataError(f"{path}: species {sp!r}: entry {k} {e!r} needs a 'path:'")
                 fp = (root / e["path"]).resolve()
                 where = f"{path}: species {sp!r}, file {e['path']!r}"
                 if not fp.is_file():
-                    raise FileNotFoundError(f"{where}: file not found at {fp} (paths are relative "
-                                            "to the manifest's folder)")
+                    raise MissingInput(f"{where}: file not found at {fp} (paths are relative "
+                                       "to the manifest's folder)")
                 has_split, has_regions = "split" in e, "regions" in e
                 if has_split == has_regions:
-                    raise ValueError(f"{where}: give exactly one of 'split: train|val|test' or 'regions:'")
+                    raise DataError(f"{where}: give exactly one of 'split: train|val|test' or 'regions:'")
                 meta = {key: v for key, v in e.items() if key not in ("path", "split", "regions")}
                 if has_split:
                     if e["split"] not in SPLITS:
-                        raise ValueError(f"{where}: unknown split {e['split']!r}; use one of {list(SPLITS)}")
+                        raise DataError(f"{where}: unknown split {e['split']!r}; use one of {list(SPLITS)}")
                     files.append(FileEntry(sp, fp, split=e["split"], meta=meta))
                     continue
                 regions = _check_regions(where, e["regions"])
@@ -107,8 +130,20 @@ class SpeciesManifest:
         species = list(dict.fromkeys(str(s) for s in doc["species"]))
         for sp in species:
             if not any("train" in f.splits() for f in files if f.species == sp):
-                raise ValueError(f"{path}: species {sp!r} has no train data; give at least one of its "
-                                 "files 'split: train' or a 'train' region")
+                raise DataError(f"{path}: species {sp!r} has no train data; give at least one of its "
+                                "files 'split: train' or a 'train' region")
+        without_val = [sp for sp in species
+                       if not any("val" in f.splits() for f in files if f.species == sp)]
+        if len(without_val) == len(species):
+            for f in files:
+                if "train" in f.splits():
+                    f.carve_val(CARVED_VAL_FRACTION)
+            log.warning("%s: no val data; validating on the last %d%% of every train file or "
+                        "region (give files 'split: val' or 'val' regions to choose)", path,
+                        round(100 * CARVED_VAL_FRACTION))
+        elif without_val:
+            log.warning("%s: species %s have no val data and are left out of validation",
+                        path, without_val)
         meta = {k: v for k, v in doc.items() if k != "species"}
         return cls(path, species, files, meta, fold_case)
 
@@ -147,21 +182,21 @@ class SpeciesManifest:
 
 def _check_regions(where: str, regions) -> dict[str, tuple[float, float]]:
     if not isinstance(regions, dict) or not regions:
-        raise ValueError(f"{where}: 'regions:' must map split -> [from, to], got {regions!r}")
+        raise DataError(f"{where}: 'regions:' must map split -> [from, to], got {regions!r}")
     out = {}
     for split, bounds in regions.items():
         if split not in SPLITS:
-            raise ValueError(f"{where}: unknown split {split!r} in regions; use one of {list(SPLITS)}")
+            raise DataError(f"{where}: unknown split {split!r} in regions; use one of {list(SPLITS)}")
         if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2
                 and all(isinstance(b, (int, float)) for b in bounds) and 0 <= bounds[0] < bounds[1] <= 1):
-            raise ValueError(f"{where}: region {split}: {bounds!r} must be [from, to] fractions "
-                             "with 0 <= from < to <= 1")
+            raise DataError(f"{where}: region {split}: {bounds!r} must be [from, to] fractions "
+                            "with 0 <= from < to <= 1")
         out[split] = (float(bounds[0]), float(bounds[1]))
     spans = sorted(out.items(), key=lambda kv: kv[1])
     for (a, (_, a_hi)), (b, (b_lo, _)) in zip(spans, spans[1:]):
         if b_lo < a_hi:
-            raise ValueError(f"{where}: regions {a} {out[a]} and {b} {out[b]} overlap; "
-                             "splits must not share bases")
+            raise DataError(f"{where}: regions {a} {out[a]} and {b} {out[b]} overlap; "
+                            "splits must not share bases")
     return out
 
 
@@ -191,8 +226,8 @@ class SpeciesWindowDataset(torch.utils.data.Dataset):
             usable = [(f, [iv for iv in ivs if len(iv) >= window]) for f, ivs in parts]
             usable = [(f, ivs, sum(len(iv) - window + 1 for iv in ivs)) for f, ivs in usable if ivs]
             if not usable:
-                raise ValueError(f"{manifest.path}: species {sp!r} has no {split} region of at least "
-                                 f"{window} bp; use a shorter window or add {split} data")
+                raise DataError(f"{manifest.path}: species {sp!r} has no {split} region of at least "
+                                f"{window} bp; use a shorter window or add {split} data")
             self.labels.append(manifest.label(sp))
             self.sources.append(usable)
 
@@ -251,7 +286,8 @@ def species_eval_windows(manifest: SpeciesManifest, split: str, window: int = 10
     Windows start every `stride` bp (default: window, i.e. non-overlapping) within each
     file's split intervals; windows with more than max_n_frac N are skipped. When a
     species has more than max_per_species, an evenly spaced subset is kept so that the
-    whole genome slice stays represented. Species without data in `split` are left out.
+    whole genome slice stays represented. Species without data in `split` are left out;
+    a split without any data raises DataError.
     """
     items = []
     for sp, parts in manifest.split_files(split).items():
@@ -265,12 +301,15 @@ def species_eval_windows(manifest: SpeciesManifest, split: str, window: int = 10
                 g = manifest.genome(f)
                 tiles += [(label, f, w) for w in tile_windows(ivs, window, stride, g, max_n_frac)]
         if not tiles:
-            raise ValueError(f"{manifest.path}: species {sp!r} has no {split} window of {window} bp "
-                             f"with at most {max_n_frac:.0%} N; use a shorter window or add {split} data")
+            raise DataError(f"{manifest.path}: species {sp!r} has no {split} window of {window} bp "
+                            f"with at most {max_n_frac:.0%} N; use a shorter window or add {split} data")
         if max_per_species is not None and len(tiles) > max_per_species:
             keep = np.linspace(0, len(tiles) - 1, max_per_species).round().astype(int)
             tiles = [tiles[i] for i in keep]
         items += tiles
+    if not items:
+        raise DataError(f"{manifest.path}: no file or region is in the {split} split; give files "
+                        f"'split: {split}' or '{split}' regions (see datasets/README.md)")
     return SpeciesEvalWindows(manifest, items)
 
 
