@@ -19,17 +19,23 @@ chunks are a whole number of periods long, so every chunk of a call starts at th
 and a graph is captured per starting phase (the prompt length modulo the period) the first time
 it is needed; the decoder tells the step each position (``MultiScaleCache.t_hint``), so the
 step never reads the position back from the GPU.
+
+A ``deadline`` (a ``time.monotonic()`` value) bounds the wall-clock time of a call: decoding
+stops after the first chunk that ends past it, and the ids made so far come back (a shorter
+output), so a caller with a time budget gets what fitted in it.
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 import weakref
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+
+from seqlab.progress import progress as progress_bar
 
 Tensor = torch.Tensor
 
@@ -198,7 +204,8 @@ def _decoder(model, batch, dtype, device, vocab, temperature, top_k, top_p, cuda
 @torch.inference_mode()
 def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             cuda_graph: bool | str = "auto", progress: bool = False) -> Tensor:
+             cuda_graph: bool | str = "auto", progress: bool = False,
+             deadline: float | None = None) -> Tensor:
     """Sample continuations of a batch of prompts.
 
     Args:
@@ -209,11 +216,16 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
         seed: seeds a private torch.Generator, so equal seeds give equal samples (on one
             device; eager and CUDA-graph decoding draw the same noise).
         cuda_graph: "auto" (on for CUDA tensors), True, or False.
-        progress: show a tqdm bar over the new tokens.
+        progress: report progress over the new tokens (seqlab.progress).
+        deadline: a ``time.monotonic()`` value, or None for no limit. Checked before the
+            prefill and after every chunk (on CUDA after synchronising, so the clock sees
+            the work done, not the work queued): once past it, decoding stops.
 
     Returns:
-        (batch, P + max_new_tokens) long: the prompts followed by the sampled ids. Only ids
-        below ``model.config.vocab_size`` are sampled (the padded vocabulary rows never are).
+        (batch, P + n) long: the prompts followed by the sampled ids, n = max_new_tokens, or
+        fewer when the deadline passed first (n = 0 if it had passed before the prefill).
+        Only ids below ``model.config.vocab_size`` are sampled (the padded vocabulary rows
+        never are).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"generate: prompt_ids must be (batch, P) with P >= 1, got shape "
@@ -234,6 +246,16 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
     out[:, :P] = prompt_ids
     if max_new_tokens == 0:
         return out
+
+    def past_deadline() -> bool:
+        if deadline is None:
+            return False
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.monotonic() >= deadline
+
+    if past_deadline():
+        return out[:, :P]
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
@@ -245,7 +267,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:
         raise ValueError("generate: the model needs config.vocab_size")
-    bar = tqdm(total=max_new_tokens, disable=not progress, desc="generate")
+    bar = progress_bar(total=max_new_tokens, desc="generate", unit="token", enabled=progress)
     dec = _decoder(model, batch, dtype, device, vocab, temperature, top_k, top_p, bool(cuda_graph))
     dec.reset()
     # The first new id comes from the prefill's last logits; the rest from chunks of steps.
@@ -257,10 +279,10 @@ def generate(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperat
     dec.ids.copy_(first)
     bar.update(1)
     done = 1
-    while done < max_new_tokens:
+    while done < max_new_tokens and not past_deadline():
         n = min(dec.steps, max_new_tokens - done)
         out[:, P + done:P + done + n] = dec.chunk(gen, n)[:, :n]
         done += n
         bar.update(n)
     bar.close()
-    return out
+    return out if done == max_new_tokens else out[:, :P + done]

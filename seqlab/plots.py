@@ -1,7 +1,9 @@
 """Plots written into a run directory (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -10,37 +12,94 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_training_curves(records: list[dict], path: str | Path) -> Path | None:
-    """Train loss (and every eval metric) against step. Returns the PNG path, or None if empty."""
-    train = [r for r in records if r.get("split") == "train" and "loss" in r]
+class Curve(NamedTuple):
+    label: str
+    steps: list
+    values: list
+
+
+class Panel(NamedTuple):
+    """One axis of the training plot: every curve on it is in the unit ``ylabel`` names."""
+
+    title: str
+    ylabel: str
+    curves: list[Curve]
+
+
+def _unit(key: str) -> str | None:
+    """"bits" or "nats" for a cross-entropy metric, None for any other. seqlab's tasks log
+    cross-entropy in nats as ``loss`` / ``val_loss`` / ``*nll*`` and in bits as ``bits_per_*``."""
+    if "bits" in key:
+        return "bits"
+    if "loss" in key or "nll" in key:
+        return "nats"
+    return None
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def training_panels(records: list[dict]) -> list[Panel]:
+    """The panels of :func:`plot_training_curves` for metrics.jsonl records.
+
+    Cross-entropy curves (train and eval) share one axis in one unit: bits when any metric
+    is in bits, the nats curves then divided by ln 2 (and dropped when the run also logs the
+    same values in bits, as the audio and DNA tasks do), else nats. Other eval metrics
+    (accuracy, F1: fractions) get a second panel.
+    """
+    train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "eval"]
-    if not train and not evals:
-        return None
-    eval_keys = sorted({k for r in evals for k, v in r.items()
-                        if k not in ("step", "split") and isinstance(v, (int, float))})
-    ncols = 1 + any(not ("loss" in k or "nll" in k or "bits" in k) for k in eval_keys)
-    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.8), squeeze=False)
-    ax = axes[0, 0]
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    for k in eval_keys:
-        if "loss" in k or "nll" in k or "bits" in k:
-            pts = [(r["step"], r[k]) for r in evals if k in r]
-            ax.plot(*zip(*pts), marker="o", label=f"eval {k}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    other = [k for k in eval_keys if not ("loss" in k or "nll" in k or "bits" in k)]
+
+    def numeric_keys(rs):
+        return sorted({k for r in rs for k, v in r.items()
+                       if k not in ("step", "split") and isinstance(v, (int, float))})
+
+    ce = [(split, k, _unit(k)) for split, rs in (("train", train), ("eval", evals))
+          for k in numeric_keys(rs) if _unit(k)]
+    in_bits = any(unit == "bits" for _, _, unit in ce)
+    panels = []
+    curves = []
+    for split, k, unit in ce:
+        steps, values = _series(train if split == "train" else evals, k)
+        if in_bits and unit == "nats":
+            values = [v / math.log(2) for v in values]
+            twins = [_series(train if s == "train" else evals, k2) for s, k2, u in ce
+                     if s == split and u == "bits"]
+            if any(t[0] == steps and np.allclose(t[1], values, rtol=1e-6) for t in twins):
+                continue
+            label = f"{split} {k} / ln 2"
+        else:
+            label = f"{split} {k}"
+        curves.append(Curve(label, steps, values))
+    if curves:
+        unit = "bits" if in_bits else "nats"
+        panels.append(Panel("cross-entropy", f"cross-entropy ({unit})", curves))
+    other = [Curve(f"eval {k}", *_series(evals, k)) for k in numeric_keys(evals) if not _unit(k)]
     if other:
-        ax2 = axes[0, 1]
-        for k in other:
-            pts = [(r["step"], r[k]) for r in evals if k in r]
-            ax2.plot(*zip(*pts), marker="o", label=k)
-        ax2.set_xlabel("step")
-        ax2.set_title("evaluation")
-        ax2.grid(alpha=0.3)
-        ax2.legend()
+        panels.append(Panel("evaluation", "fraction", other))
+    return panels
+
+
+def plot_training_curves(records: list[dict], path: str | Path) -> Path | None:
+    """Cross-entropy (train and eval, one unit) and other eval metrics against step, one
+    panel per unit (:func:`training_panels`). Returns the PNG path, or None if empty."""
+    panels = training_panels(records)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for c in panel.curves:
+            # Train is logged every few steps (a line); eval at a few steps (points), and a
+            # curve of one point needs a marker to show at all.
+            dense = c.label.startswith("train") and len(c.steps) > 1
+            ax.plot(c.steps, c.values, label=c.label, marker=None if dense else "o")
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ One tiny model is trained once per module (about half a minute on a shared CPU) 
 generation test samples from it.
 """
 import json
+import logging
+import time
 
 import numpy as np
 import pytest
@@ -13,9 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from seqlab.audio_io import AudioFileError, read_audio, write_wav
 from seqlab.cli import compose, run_job
-from seqlab.data.audio import BUNDLED_SPEECH_MANIFEST, load_manifest
+from seqlab.data.audio import BUNDLED_SPEECH_MANIFEST, AudioClipDataset, load_manifest
 from seqlab.data.mulaw import mulaw_decode
-from seqlab.jobs.audio import AudioBatch, code_nll, load_prompt
+from seqlab.jobs.audio import AudioBatch, AudioLMTask, code_nll, load_prompt
+from seqlab.model import MambaLM
+from seqlab.train import RunDir
 
 RATE = 16000
 
@@ -40,7 +44,7 @@ def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("train_audio")
     summary = _run("train_audio", run_dir, **{
         "model.d_model": 32, "model.n_layer": 1, "data.clip_seconds": 0.125,
-        "trainer.micro_batch_size": 4, "trainer.max_steps": 120, "trainer.max_minutes": 1.0,
+        "trainer.micro_batch_size": 4, "trainer.max_steps": 120, "trainer.max_minutes": 5.0,
         "trainer.lr": 0.01, "trainer.warmup_steps": 5, "trainer.log_every": 5,
         "trainer.eval_every": 40, "trainer.ckpt_every": 40, "trainer.progress": False,
         "eval.max_clips": 4, "sample.seconds": 0.05})
@@ -71,6 +75,7 @@ def test_train_audio_checkpoints_metrics_and_sample(trained):
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     spec = json.loads((ckpt / "config.json").read_text())
     assert spec["audio"]["rate"] == RATE and spec["model"]["vocab_size"] == 256
+    assert spec["audio"]["normalize"] is True and spec["audio"]["encoding"] == "mulaw"
     evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if r["split"] == "eval"]
     assert evals and all(np.isfinite(r["val_bits_per_sample"]) for r in evals)
@@ -79,6 +84,7 @@ def test_train_audio_checkpoints_metrics_and_sample(trained):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     info = sf.info(summary["sample_wav"])
     assert info.samplerate == RATE and info.frames == 800 and info.subtype == "PCM_16"
+    assert "sample_cut" not in summary and summary["sample_seconds"] == 0.05
 
 
 def test_generation_deterministic_format_and_not_silent(trained, tmp_path):
@@ -105,7 +111,7 @@ def test_prompt_continuation_keeps_prompt(trained, tmp_path):
     prompt = tmp_path / "prompt.wav"
     write_wav(prompt, torch.cat([wave, wave])[:, int(0.2 * rate):int(0.24 * rate)], rate)  # stereo
     out = _generate(tmp_path / "gen", run_dir, prompt=str(prompt), seed=1)
-    codes = load_prompt(prompt, RATE, "mulaw", max_seconds=10.0)
+    codes = load_prompt(prompt, RATE, "mulaw", max_seconds=10.0, normalize=True)  # as trained
     P = codes.numel()
     assert out["prompt_samples"] == P and P == 640
     expect = mulaw_decode(codes).numpy()
@@ -199,3 +205,131 @@ def test_train_audio_folder_source_pad_mode(tmp_path):
         "trainer.max_steps": 2, "trainer.progress": False, "sample.seconds": 0})
     assert np.isfinite(summary["val_bits_per_sample"]) and np.isfinite(summary["test_bits_per_sample"])
     assert "sample_wav" not in summary
+
+
+# ----------------------------------------------------------------------------- prompts as trained
+
+
+def _low_gain_prompt(tmp_path, gain=0.05):
+    """0.04 s of bundled speech (8 kHz) at low gain: normalising changes every code."""
+    wave, rate = read_audio(load_manifest(BUNDLED_SPEECH_MANIFEST)[0].path)
+    quiet = wave[:, int(0.2 * rate):int(0.24 * rate)]
+    quiet = gain * quiet / quiet.abs().max()
+    return write_wav(tmp_path / "quiet.wav", quiet, rate)
+
+
+def _prompt_part(summary):
+    P = summary["prompt_samples"]
+    return [sf.read(w, dtype="float32")[0][:P] for w in summary["wavs"]]
+
+
+def test_low_gain_prompt_encodes_as_training_did(trained, tmp_path):
+    """The checkpoint records data.normalize=true: a quiet prompt is normalised as every
+    training file was, so its codes are the ones training would have made of that file."""
+    run_dir, _ = trained
+    prompt = _low_gain_prompt(tmp_path)
+    as_trained = AudioClipDataset([prompt], rate=RATE, clip_seconds=0.04, normalize=True)._codes[0].long()
+    codes = load_prompt(prompt, RATE, "mulaw", max_seconds=10.0, normalize=True)
+    assert torch.equal(codes, as_trained) and codes.numel() == 640
+    assert not torch.equal(codes, load_prompt(prompt, RATE, "mulaw", max_seconds=10.0))
+    out = _generate(tmp_path / "gen", run_dir, prompt=str(prompt), seed=1)
+    for x in _prompt_part(out):
+        np.testing.assert_allclose(x, mulaw_decode(as_trained).numpy(), atol=1.0 / 32767)
+
+
+def test_checkpoint_without_normalize_keeps_old_prompts_and_warns(trained, tmp_path, caplog):
+    run_dir, _ = trained
+    src = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    old = tmp_path / "old_ckpt"
+    old.mkdir()
+    spec = json.loads((src / "config.json").read_text())
+    del spec["audio"]["normalize"]
+    (old / "config.json").write_text(json.dumps(spec))
+    (old / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    prompt = _low_gain_prompt(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="seqlab"):
+        out = _generate(tmp_path / "gen", old, prompt=str(prompt), seed=1)
+    assert "prompt_normalize=true" in caplog.text and str(old / "config.json") in caplog.text
+    raw = mulaw_decode(load_prompt(prompt, RATE, "mulaw", max_seconds=10.0)).numpy()
+    for x in _prompt_part(out):
+        np.testing.assert_allclose(x, raw, atol=1.0 / 32767)
+    fixed = _generate(tmp_path / "gen2", old, prompt=str(prompt), seed=1, prompt_normalize="true")
+    normalised = mulaw_decode(load_prompt(prompt, RATE, "mulaw", max_seconds=10.0, normalize=True)).numpy()
+    for x in _prompt_part(fixed):
+        np.testing.assert_allclose(x, normalised, atol=1.0 / 32767)
+
+
+# ----------------------------------------------------------------------------- time budget
+
+
+def _task(tmp_path, **over):
+    over = {"model.d_model": 32, "model.n_layer": 1, "data.clip_seconds": 0.125, "eval.max_clips": 2,
+            "trainer.max_minutes": 1.0, **over}
+    return AudioLMTask(compose("train_audio", [f"{k}={v}" for k, v in over.items()] + [f"run_dir={tmp_path}"]))
+
+
+def test_end_of_training_sample_stops_at_the_deadline(tmp_path):
+    task = _task(tmp_path, **{"sample.seconds": 2.0})
+    torch.manual_seed(0)
+    model = MambaLM(task.mcfg).eval()
+    run = RunDir(tmp_path)
+    task.deadline = time.monotonic() + 0.5
+    t0 = time.monotonic()
+    out = task.finish(model, run, torch.device("cpu"))
+    # One chunk of decoding past the deadline at most (16 samples), never the 2 s asked for.
+    assert time.monotonic() - t0 < 10.0
+    frames = sf.info(out["sample_wav"]).frames
+    assert 0 < frames < 2 * RATE and frames == round(out["sample_seconds"] * RATE)
+    assert f"{frames} of {2 * RATE} samples" in out["sample_cut"] and "generate_audio" in out["sample_cut"]
+    # A budget spent before the sample: nothing is drawn, and the summary says why.
+    task.deadline = time.monotonic()
+    (tmp_path / "samples" / "sample_000.wav").unlink()
+    out = task.finish(model, run, torch.device("cpu"))
+    assert "trainer.max_minutes=1.0 was spent" in out["sample_skipped"] and "sample_wav" not in out
+    assert not (tmp_path / "samples" / "sample_000.wav").exists()
+
+
+def test_max_minutes_bounds_the_whole_training_job(tmp_path):
+    """Training steps get (1 - sample.budget_share) of trainer.max_minutes; the sample stops at
+    the job's deadline. Without that, 2 s of audio at batch 1 took minutes on a CPU."""
+    t0 = time.monotonic()
+    summary = _run("train_audio", tmp_path, **{
+        "model.d_model": 32, "model.n_layer": 1, "data.clip_seconds": 0.125, "eval.max_clips": 2,
+        "trainer.micro_batch_size": 2, "trainer.max_steps": 100000, "trainer.max_minutes": 0.1,
+        "trainer.eval_every": 0, "trainer.ckpt_every": 0, "trainer.progress": False,
+        "sample.seconds": 2.0, "sample.budget_share": 0.5})
+    elapsed = time.monotonic() - t0
+    assert summary["stopped_early"] and summary["train_minutes"] < 0.1
+    assert ("sample_cut" in summary) != ("sample_skipped" in summary)
+    # The budget is 6 s; the final checkpoint, evaluations and plot come on top of it.
+    assert elapsed < 30.0, elapsed
+
+
+# ----------------------------------------------------------------------------- folders, whole files
+
+
+def test_folder_of_many_formats_with_bad_files_and_whole_file_eval(tmp_path):
+    """AIFF, CAF and FLAC speakers train and score (eval.mode=files: whole files, streamed);
+    a corrupt file and an .m4a are skipped and listed in the run directory."""
+    records = load_manifest(BUNDLED_SPEECH_MANIFEST)
+    folder = tmp_path / "audio"
+    for speaker, fmt, suffix in (("allison", "AIFF", ".aiff"), ("carlo", "CAF", ".caf"), ("june", "FLAC", ".flac")):
+        (folder / speaker).mkdir(parents=True)
+        for r in [r for r in records if r.speaker == speaker][:2]:
+            wave, rate = read_audio(r.path)
+            sf.write(str(folder / speaker / (r.path.stem + suffix)), wave[0].numpy(), rate, format=fmt)
+    (folder / "june" / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk")
+    (folder / "carlo" / "phone.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))
+    (folder / "notes.txt").write_text("not audio\n")
+    summary = _run("train_audio", tmp_path / "run", **{
+        "data.source": str(folder), "data.mode": "pad", "data.clip_seconds": 0.05,
+        "model.d_model": 16, "model.n_layer": 1, "trainer.micro_batch_size": 2,
+        "trainer.max_steps": 2, "trainer.progress": False, "sample.seconds": 0,
+        "eval.mode": "files", "eval.chunk_seconds": 0.1})
+    # Every speaker is one split: all three formats were read, or a split would be empty.
+    assert np.isfinite(summary["val_bits_per_sample"]) and np.isfinite(summary["test_bits_per_sample"])
+    assert summary["skipped_files"] == 2
+    rows = (tmp_path / "run" / "skipped_files.csv").read_text().splitlines()
+    assert rows[0] == "path,reason" and len(rows) == 3
+    assert any("broken.wav" in row and "cannot decode" in row for row in rows)
+    assert any("phone.m4a" in row and "unsupported audio format" in row for row in rows)

@@ -13,9 +13,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from seqlab.audio_io import AudioFileError, read_audio, resample, save_spectrogram_png, to_mono, write_wav
-from seqlab.data.audio import (BUNDLED_SPEECH_MANIFEST, DIGIT_WORDS, AudioClipDataset, AudioRecord, load_manifest,
-                               prepare_speech, shift_right, split_files, write_manifest)
+from seqlab.audio_io import (SUPPORTED_SUFFIXES, AudioFileError, read_audio, resample, save_spectrogram_png,
+                             to_mono, write_wav)
+from seqlab.data.audio import (BUNDLED_SPEECH_MANIFEST, DIGIT_WORDS, AudioClipDataset, AudioRecord, find_audio_files,
+                               load_manifest, log_skipped, prepare_speech, scan_audio_folder, shift_right,
+                               split_files, write_manifest, write_skipped)
+from seqlab.errors import DataError
 from seqlab.data.mulaw import (LINEAR_MAX_ERROR, LINEAR_ZERO_CODE, MU, MULAW_STEP, ZERO_CODE, linear_decode,
                                linear_encode, mulaw_decode, mulaw_encode, mulaw_error_bound)
 
@@ -131,14 +134,14 @@ def _bad_files(tmp_path):
     samples = _tone(0.1, 16000)
     samples[37] = np.nan
     sf.write(str(nan), samples, 16000, subtype="FLOAT")
-    mp3 = tmp_path / "speech.mp3"
-    mp3.write_bytes(b"ID3" + bytes(100))
+    m4a = tmp_path / "speech.m4a"
+    m4a.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(100))
     return {
         "corrupt": (corrupt, "cannot decode as WAV.*corrupt"),
         "empty": (empty, "empty \\(0 bytes\\)"),
         "zero_length": (zero, "zero samples"),
         "nan": (nan, "sample 37 of channel 0 is nan"),
-        "unsupported": (mp3, "unsupported audio format '.mp3'"),
+        "unsupported": (m4a, "unsupported audio format '.m4a'.*ffmpeg"),
     }
 
 
@@ -147,11 +150,105 @@ def test_bad_audio_raises_naming_the_file(tmp_path, case):
     path, message = _bad_files(tmp_path)[case]
     with pytest.raises(AudioFileError, match=message) as err:
         read_audio(path)
-    assert str(path) in str(err.value)
-    # The dataset surfaces the same error when such a file is in its folder.
+    assert str(path) in str(err.value) and isinstance(err.value, DataError)
+    # The dataset surfaces the same error when such a file is named in its list.
     with pytest.raises(AudioFileError) as err:
         AudioClipDataset([path])
     assert str(path) in str(err.value)
+
+
+# Formats libsndfile writes as well as reads; MP3 needs libsndfile >= 1.1 built with it.
+ROUND_TRIP = [(f, s) for f, s in (("AIFF", ".aiff"), ("CAF", ".caf"), ("AU", ".au"), ("W64", ".w64"),
+                                  ("OGG", ".ogg"), ("MP3", ".mp3")) if f in sf.available_formats()]
+
+
+def test_supported_suffixes_follow_libsndfile():
+    assert {".wav", ".flac", ".ogg", ".aiff", ".aif", ".caf", ".au", ".w64"} <= set(SUPPORTED_SUFFIXES)
+    assert (".mp3" in SUPPORTED_SUFFIXES) == ("MP3" in sf.available_formats())
+    assert not {".txt", ".yaml", ".csv", ".m4a", ".mat", ""} & set(SUPPORTED_SUFFIXES)
+
+
+@pytest.mark.parametrize("fmt,suffix", ROUND_TRIP, ids=[f for f, _ in ROUND_TRIP])
+def test_every_libsndfile_format_reads(tmp_path, fmt, suffix):
+    tone = _tone(0.25, 16000)
+    path = tmp_path / f"tone{suffix}"
+    sf.write(str(path), tone, 16000, format=fmt)
+    wave, rate = read_audio(path)
+    assert rate == 16000 and wave.shape[0] == 1
+    # Lossy codecs (Vorbis, MP3) shift and pad: compare the pitch, not the samples.
+    spectrum = torch.fft.rfft(wave[0, :4000]).abs()  # 0.25 s: 4 Hz bins
+    assert int(spectrum.argmax()) == 110  # 440 Hz
+
+
+def _mixed_folder(root):
+    """Usable: a.wav, b.aiff, c.caf (+ .MP3 upper case if libsndfile reads MP3). Skipped:
+    corrupt.flac, empty.wav, talk.m4a. Passed over: notes, manifests, hidden files."""
+    (root / "ann").mkdir(parents=True)
+    (root / "bob" / ".cache").mkdir(parents=True)
+    (root / ".git").mkdir()
+    tone = _tone(0.1, 16000)
+    sf.write(str(root / "ann" / "a.wav"), tone, 16000, subtype="PCM_16")
+    sf.write(str(root / "ann" / "b.aiff"), tone, 16000, format="AIFF")
+    sf.write(str(root / "bob" / "c.caf"), tone, 16000, format="CAF")
+    usable = ["a.wav", "b.aiff", "c.caf"]
+    if "MP3" in sf.available_formats():
+        sf.write(str(root / "bob" / "d.MP3"), tone, 16000, format="MP3")
+        usable.append("d.MP3")
+    (root / "bob" / "corrupt.flac").write_bytes(b"fLaC" + bytes(64))
+    (root / "bob" / "empty.wav").write_bytes(b"")
+    (root / "bob" / "talk.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))
+    (root / "notes.txt").write_text("recorded in May\n")
+    (root / "manifest.yaml").write_text("items: []\n")
+    (root / "ann" / "._a.wav").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a macOS fork
+    (root / "bob" / ".cache" / "x.wav").write_bytes(b"junk")
+    (root / ".git" / "y.flac").write_bytes(b"junk")
+    return usable
+
+
+def test_folder_scan_reads_every_format_and_reports_the_skipped(tmp_path, caplog):
+    usable = _mixed_folder(tmp_path / "audio")
+    found = scan_audio_folder(tmp_path / "audio")
+    assert sorted(r.path.name for r in found.records) == sorted(usable)
+    reasons = {f.path.name: f.reason for f in found.skipped}
+    assert sorted(reasons) == ["corrupt.flac", "empty.wav", "talk.m4a"]
+    assert "cannot decode as FLAC" in reasons["corrupt.flac"]
+    assert "empty (0 bytes)" in reasons["empty.wav"]
+    assert "unsupported audio format '.m4a'" in reasons["talk.m4a"]
+    # Every usable file loads; the skipped ones never reach the dataset.
+    ds = AudioClipDataset(tmp_path / "audio", clip_seconds=0.1)
+    assert len(ds) == len(usable) and all(int(ds[i].length) == 1600 for i in range(len(ds)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="seqlab.data.audio"):
+        assert [r.path.name for r in find_audio_files(tmp_path / "audio")] == [r.path.name for r in found.records]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and all(line.startswith("skipped ") for line in lines)
+    assert not any("notes.txt" in line or "._a.wav" in line or ".git" in line for line in lines)
+
+
+def test_skipped_files_log_is_bounded_and_listed(tmp_path, caplog):
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i in range(25):
+        (folder / f"broken_{i:02d}.wav").write_bytes(b"RIFFjunk")
+    sf.write(str(folder / "good.flac"), _tone(0.1, 16000), 16000)
+    found = scan_audio_folder(folder)
+    assert len(found.records) == 1 and len(found.skipped) == 25
+    listing = write_skipped(found.skipped, tmp_path / "run" / "skipped_files.csv")
+    with caplog.at_level(logging.WARNING, logger="seqlab.data.audio"):
+        log_skipped(found.skipped, folder, listing, limit=10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 11 and "15 more audio files skipped" in lines[-1] and str(listing) in lines[-1]
+    rows = listing.read_text().splitlines()
+    assert rows[0] == "path,reason" and len(rows) == 26 and "broken_24.wav" in rows[-1]
+
+
+def test_folder_without_usable_audio_names_what_was_skipped(tmp_path):
+    (tmp_path / "only_bad.wav").write_bytes(b"")
+    (tmp_path / "readme.md").write_text("no audio here")
+    with pytest.raises(DataError, match="all 1 audio files were skipped.*only_bad.wav: file is empty"):
+        scan_audio_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        scan_audio_folder(tmp_path / "nowhere")
 
 
 def test_missing_file_raises_file_not_found(tmp_path):

@@ -117,3 +117,22 @@ def test_cached_decoders_do_not_keep_models_alive(rng_seed):
     del m
     gc.collect()
     assert ref() is None and len(_DECODERS) == n - 1
+
+
+def test_deadline_cuts_generation_to_a_prefix_of_the_full_sample(rng_seed):
+    import time
+
+    from seqlab.generation import CHUNK
+    m = tiny_lm()
+    prompt = torch.randint(0, 256, (2, 3))
+    full = generate(m, prompt, 200, temperature=1.0, seed=5)
+    t0 = time.monotonic()
+    cut = generate(m, prompt, 10**7, temperature=1.0, seed=5, deadline=t0 + 0.3)
+    assert time.monotonic() - t0 < 5.0  # ten million steps would take hours
+    n = cut.shape[1] - 3
+    assert 1 <= n < 10**7 and (n - 1) % CHUNK == 0  # the prefill's id, then whole chunks
+    # The same draws as an uncut call: a cut sample is the beginning of the full one.
+    k = min(n, 200)
+    assert torch.equal(cut[:, :3 + k], full[:, :3 + k])
+    # A deadline already past: the prompt alone comes back.
+    assert torch.equal(generate(m, prompt, 50, seed=5, deadline=time.monotonic() - 1.0), prompt)

@@ -9,30 +9,38 @@ Mamba paper's SC09 experiments and SaShiMi. An item is
 
 so position t sees codes < t and predicts code t. T = round(clip_seconds * rate).
 
-Sources are a folder (searched recursively for .wav/.flac/.ogg; speaker = parent folder
-name), a list of files, or a manifest (.yaml/.yml/.csv; format in datasets/speech/README.md).
-All audio is read once at construction and kept in memory as the resampled float waveform and
-its codes: these datasets are small (SC09 is ~1.3 GB of 16-bit audio at most).
+Sources are a folder (searched recursively for every format libsndfile reads, see
+seqlab.audio_io.SUPPORTED_SUFFIXES; speaker = parent folder name), a list of files, or a
+manifest (.yaml/.yml/.csv; format in datasets/speech/README.md). A folder scan keeps the files
+it can read and reports the audio files it cannot (:func:`scan_audio_folder`).
+
+AudioClipDataset reads all audio once at construction and keeps the resampled float waveform
+and its codes in memory: training corpora here are small (SC09 is ~1.3 GB of 16-bit audio at
+most). Scoring long held-out files goes through :func:`stream_codes` instead, whose memory
+follows its block, not the file.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import yaml
 
-from seqlab.audio_io import (SUPPORTED_SUFFIXES, AudioFileError, read_audio, resample as resample_wave,
-                             to_mono, write_wav)
+from seqlab.audio_io import (AUDIO_SUFFIXES, AudioFileError, audio_info, read_audio,
+                             resample as resample_wave, stream_wave, to_mono, write_wav)
 from seqlab.data.mulaw import LINEAR_ZERO_CODE, ZERO_CODE, linear_encode, mulaw_encode
+from seqlab.errors import ConfigError, DataError, MissingInput
+from seqlab.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +52,15 @@ __all__ = [
     "AudioRecord",
     "AudioClip",
     "AudioClipDataset",
+    "SkippedFile",
+    "AudioFolder",
+    "scan_audio_folder",
     "find_audio_files",
+    "log_skipped",
+    "write_skipped",
+    "peak_normalize",
+    "encoder",
+    "stream_codes",
     "load_manifest",
     "write_manifest",
     "split_files",
@@ -95,16 +111,90 @@ class AudioClip(NamedTuple):
 # Sources: folders and manifests
 
 
-def find_audio_files(folder) -> list[AudioRecord]:
-    """All .wav/.flac/.ogg files under `folder` (recursive, sorted); speaker = parent folder name."""
+class SkippedFile(NamedTuple):
+    """An audio-looking file a folder scan could not use, and why (no path in the reason)."""
+
+    path: Path
+    reason: str
+
+
+class AudioFolder(NamedTuple):
+    """What :func:`scan_audio_folder` found: the usable files and the skipped audio files."""
+
+    records: list[AudioRecord]
+    skipped: list[SkippedFile]
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def scan_audio_folder(folder) -> AudioFolder:
+    """Every audio file under ``folder`` (recursive, sorted) that libsndfile can read, and the
+    audio files it cannot.
+
+    A file counts as audio when its suffix is in seqlab.audio_io.AUDIO_SUFFIXES. It is kept
+    when its header reads and holds samples (:func:`seqlab.audio_io.audio_info`); otherwise
+    it is skipped with the reason (a format libsndfile does not read here, empty, corrupt,
+    no samples). Hidden files and folders (macOS ``._x.wav`` forks, ``.git``) and files with
+    other suffixes (manifests, notes, images) are passed over without a word.
+
+    Raises:
+        MissingInput if ``folder`` is not a folder; DataError if it holds no usable audio.
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder of audio files")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder}: no {'/'.join(SUPPORTED_SUFFIXES)} files found; point at the folder "
-                         "that holds the audio or pass a manifest")
-    return [AudioRecord(path=p.resolve(), speaker=p.parent.name) for p in files]
+        raise MissingInput(f"{folder}: not a folder of audio files; check the path")
+    records, skipped = [], []
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in AUDIO_SUFFIXES or _hidden(p, folder) or not p.is_file():
+            continue
+        try:
+            audio_info(p)
+        except AudioFileError as err:
+            skipped.append(SkippedFile(p.resolve(), err.reason))
+            continue
+        records.append(AudioRecord(path=p.resolve(), speaker=p.parent.name))
+    if not records:
+        what = (f"all {len(skipped)} audio files were skipped, the first: {skipped[0].path}: "
+                f"{skipped[0].reason}" if skipped else
+                "no file has an audio suffix (.wav, .flac, .mp3, ...: "
+                "seqlab.audio_io.SUPPORTED_SUFFIXES)")
+        raise DataError(f"{folder}: no usable audio ({what}); point at the folder that holds "
+                        "the audio or pass a manifest")
+    return AudioFolder(records, skipped)
+
+
+def log_skipped(skipped: Sequence[SkippedFile], folder, listing: Path | None = None,
+                limit: int = 10) -> None:
+    """One warning per skipped file up to ``limit``, then one line with the count of the rest
+    and where the full list is (``listing``, when the caller writes one)."""
+    for f in skipped[:limit]:
+        logger.warning("skipped %s: %s", f.path, f.reason)
+    more = len(skipped) - limit
+    if more > 0 or (skipped and listing is not None):
+        parts = [f"{more} more audio files skipped" if more > 0 else f"{len(skipped)} audio files skipped"]
+        if listing is not None:
+            parts.append(f"full list: {listing}")
+        logger.warning("%s: %s", folder, "; ".join(parts))
+
+
+def write_skipped(skipped: Sequence[SkippedFile], path) -> Path:
+    """Write the skipped files as a CSV with columns path, reason (atomically)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows((str(f.path), f.reason) for f in skipped)
+    atomic_write_text(path, text.getvalue())
+    return Path(path)
+
+
+def find_audio_files(folder) -> list[AudioRecord]:
+    """The usable audio files under ``folder`` (:func:`scan_audio_folder`); the skipped ones
+    are logged. Speaker = parent folder name."""
+    found = scan_audio_folder(folder)
+    log_skipped(found.skipped, folder)
+    return found.records
 
 
 def load_manifest(path) -> list[AudioRecord]:
@@ -116,28 +206,28 @@ def load_manifest(path) -> list[AudioRecord]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: manifest not found")
+        raise MissingInput(f"{path}: manifest not found")
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         doc = yaml.safe_load(path.read_text())
         rows = doc.get("items") if isinstance(doc, dict) else doc
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: a YAML manifest is a list of entries or a mapping with key 'items' "
+            raise DataError(f"{path}: a YAML manifest is a list of entries or a mapping with key 'items' "
                              f"holding that list; got {type(rows).__name__}")
     elif suffix == ".csv":
         with path.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
     else:
-        raise ValueError(f"{path}: unknown manifest format {suffix!r}; use .yaml, .yml or .csv")
+        raise ConfigError(f"{path}: unknown manifest format {suffix!r}; use .yaml, .yml or .csv")
     records = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("path"):
-            raise ValueError(f"{path}: entry {i} has no 'path' field: {row!r}")
+            raise DataError(f"{path}: entry {i} has no 'path' field: {row!r}")
         file = Path(str(row["path"]))
         file = (file if file.is_absolute() else path.parent / file).resolve()
         split = row.get("split") or None
         if split is not None and split not in SPLITS:
-            raise ValueError(f"{path}: entry {i} ({row['path']}) has split {split!r}; use one of {SPLITS}")
+            raise DataError(f"{path}: entry {i} ({row['path']}) has split {split!r}; use one of {SPLITS}")
         records.append(AudioRecord(
             path=file,
             speaker=str(row.get("speaker") or file.parent.name),
@@ -147,7 +237,7 @@ def load_manifest(path) -> list[AudioRecord]:
             extra={k: v for k, v in row.items() if k not in _MANIFEST_FIELDS and v not in (None, "")},
         ))
     if not records:
-        raise ValueError(f"{path}: manifest lists no files")
+        raise DataError(f"{path}: manifest lists no files")
     return records
 
 
@@ -271,6 +361,45 @@ def _one_thread():
         torch.set_num_threads(previous)
 
 
+def encoder(encoding: str):
+    """The codec of ``encoding`` ("mulaw" or "linear"): float samples -> int64 codes."""
+    if encoding not in ("mulaw", "linear"):
+        raise ConfigError(f"encoding={encoding!r}; use 'mulaw' or 'linear'")
+    return mulaw_encode if encoding == "mulaw" else linear_encode
+
+
+def peak_normalize(wave: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
+    """wave / peak, peak = max |wave| unless given (a file's peak, for one of its blocks); a
+    silent wave (peak 0) comes back unchanged. The one normalisation of training, scoring and
+    prompts (``data.normalize``): the same division gives the same codes everywhere."""
+    peak = wave.abs().max() if peak is None else peak
+    return wave / peak if peak > 0 else wave
+
+
+def stream_codes(path, rate: int, encoding: str = "mulaw", normalize: bool = False,
+                 block_seconds: float = 10.0) -> Iterator[torch.Tensor]:
+    """The codes of one whole file, a block at a time: what AudioClipDataset would store for
+    it (mono, resampled to ``rate``, peak-normalised if ``normalize``, encoded), with memory
+    bounded by the block instead of the file.
+
+    ``normalize`` needs the file's peak before its first code: the file is then read twice.
+
+    Yields:
+        int64 (n_i,) codes; joined they equal the dataset's codes of the file (see
+        seqlab.audio_io.stream_wave for the rounding caveat of non-integer rate ratios).
+    Raises:
+        as seqlab.audio_io.read_audio, naming the file.
+    """
+    encode = encoder(encoding)
+    peak = None
+    if normalize:
+        peak = torch.zeros(())
+        for block in stream_wave(path, rate, block_seconds):
+            peak = torch.maximum(peak, block.abs().max())
+    for block in stream_wave(path, rate, block_seconds):
+        yield encode(block if peak is None else peak_normalize(block, peak))
+
+
 def _seed_for(seed: int, epoch: int, index: int) -> np.random.Generator:
     # SeedSequence mixes the three ints into independent streams: no global RNG state, so the
     # same crop comes back in any worker process and after a resume at (epoch, index).
@@ -303,18 +432,18 @@ class AudioClipDataset(torch.utils.data.Dataset):
                  encoding: str = "mulaw", normalize: bool = False, resample: bool = True, seed: int = 0,
                  split: str | None = None, crops_per_file: int = 1):
         if mode not in ("pad", "crop"):
-            raise ValueError(f"AudioClipDataset: mode={mode!r}; use 'pad' (fixed clips) or 'crop' (random windows)")
+            raise ConfigError(f"AudioClipDataset: mode={mode!r}; use 'pad' (fixed clips) or 'crop' (random windows)")
         if encoding not in ("mulaw", "linear"):
-            raise ValueError(f"AudioClipDataset: encoding={encoding!r}; use 'mulaw' or 'linear'")
+            raise ConfigError(f"AudioClipDataset: encoding={encoding!r}; use 'mulaw' or 'linear'")
         if split is not None and split not in SPLITS:
-            raise ValueError(f"AudioClipDataset: split={split!r}; use one of {SPLITS} or None")
+            raise ConfigError(f"AudioClipDataset: split={split!r}; use one of {SPLITS} or None")
         self.rate = int(rate)
         self.clip_samples = int(round(clip_seconds * self.rate))
         if self.rate <= 0 or self.clip_samples < 2:
-            raise ValueError(f"AudioClipDataset: rate={rate} Hz and clip_seconds={clip_seconds} give "
+            raise ConfigError(f"AudioClipDataset: rate={rate} Hz and clip_seconds={clip_seconds} give "
                              f"{self.clip_samples} samples per clip; need at least 2")
         if crops_per_file < 1:
-            raise ValueError(f"AudioClipDataset: crops_per_file={crops_per_file}; must be >= 1")
+            raise ConfigError(f"AudioClipDataset: crops_per_file={crops_per_file}; must be >= 1")
         self.mode, self.encoding, self.seed = mode, encoding, int(seed)
         self.crops_per_file = int(crops_per_file) if mode == "crop" else 1
         self.zero_code = ZERO_CODE if encoding == "mulaw" else LINEAR_ZERO_CODE
@@ -329,7 +458,7 @@ class AudioClipDataset(torch.utils.data.Dataset):
             if not records:
                 raise ValueError(f"AudioClipDataset: no files of split {split!r} in {source}")
         self.records = records
-        encode = mulaw_encode if encoding == "mulaw" else linear_encode
+        encode = encoder(encoding)
         self.waves: list[torch.Tensor] = []  # float32 (n_i,) at self.rate, the resampled cache
         self._codes: list[torch.Tensor] = []  # uint8 (n_i,): 1 byte/sample, widened per item
         with _one_thread():
@@ -339,14 +468,12 @@ class AudioClipDataset(torch.utils.data.Dataset):
     def _load(self, r: AudioRecord, encode, resample: bool, normalize: bool) -> None:
         wave, file_rate = read_audio(r.path)
         if file_rate != self.rate and not resample:
-            raise AudioFileError(f"{r.path}: sample rate {file_rate} Hz differs from the dataset rate "
-                                 f"{self.rate} Hz and resample=False; pass resample=True or convert "
-                                 f"the file (sox in.wav -r {self.rate} out.wav)")
+            raise AudioFileError(r.path, f"sample rate {file_rate} Hz differs from the dataset rate "
+                                         f"{self.rate} Hz and resample=False; pass resample=True or "
+                                         f"convert the file (sox in.wav -r {self.rate} out.wav)")
         wave = resample_wave(to_mono(wave), file_rate, self.rate)[0].contiguous()
         if normalize:
-            peak = wave.abs().max()
-            if peak > 0:
-                wave = wave / peak
+            wave = peak_normalize(wave)
         self.waves.append(wave)
         self._codes.append(encode(wave).to(torch.uint8))
 
