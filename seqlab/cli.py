@@ -185,7 +185,11 @@ def _cmd_cp(args):
 
 
 def _cmd_run(args):
+    from .utils import set_threads, usable_cores
     cfg = compose(args.recipe, args.overrides)
+    n = set_threads(int(cfg.get("cpu_threads") or 0))
+    log.debug("torch and numba use %d CPU thread(s) (%d usable core(s); cpu_threads=N sets it)",
+              n, usable_cores())
     run_job(cfg)
 
 

@@ -53,6 +53,49 @@ def resolve_device(device: str = "auto", profile: str | None = None) -> torch.de
     return dev
 
 
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers,
+    CI runners) and shared among parallel pytest-xdist workers."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return max(1, n // max(1, workers))
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 cpu.max, else v1 cfs quota), or None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def set_threads(n: int = 0) -> int:
+    """Size torch's intra-op pool to ``n`` threads (0: :func:`usable_cores`) and return it.
+
+    The compiled CPU scan (numba) follows torch's count, so the two pools never add up to more
+    threads than cores. An explicit OMP_NUM_THREADS in the environment wins over the automatic
+    choice, as it does for every OpenMP program.
+    """
+    if n <= 0:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        n = int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+    torch.set_num_threads(n)
+    return n
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

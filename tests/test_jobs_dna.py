@@ -7,6 +7,7 @@ import pytest
 
 from seqlab.cli import compose, run_job
 from seqlab.embed import Embeddings, load_embeddings, save_embeddings
+from seqlab.errors import MissingInput
 
 TINY = ["model.d_model=16", "model.n_layer=1", "model.d_state=4", "trainer.micro_batch_size=4",
         "trainer.warmup_steps=1", "trainer.log_every=1", "trainer.progress=false"]
@@ -85,6 +86,6 @@ def test_probe_separates_clearly_separable_embeddings(tmp_path):
 
 def test_missing_manifest_is_named_and_run_not_complete(tmp_path):
     run = tmp_path / "bad"
-    with pytest.raises(SystemExit, match="nope.yaml"):
+    with pytest.raises(MissingInput, match="nope.yaml"):
         _run("finetune_species", TINY + [f"run_dir={run}", "data.manifest=nope.yaml"])
     assert not (run / "summary.json").exists()
