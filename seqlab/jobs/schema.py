@@ -122,6 +122,7 @@ class EmbedJob:
     cpu_threads: int = 0
     batch_size: int = 32
     chunk: Optional[int] = 8192
+    max_tokens: Optional[int] = 131072
     progress: bool = True
     data: EmbedData = field(default_factory=EmbedData)
 
