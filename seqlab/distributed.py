@@ -48,6 +48,11 @@ def init(device: torch.device) -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def world_size() -> int:
+    """Processes in the group (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

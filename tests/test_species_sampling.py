@@ -113,3 +113,17 @@ def test_finetune_species_trains_and_validates_on_a_manifest_without_val(tmp_pat
         "trainer.max_steps=2", "trainer.eval_every=1", "trainer.warmup_steps=1",
         "trainer.progress=false", "post.embed_probe=false"]))
     assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["step"] == 2
+
+
+def test_finetune_species_without_test_data_stops_before_training(tmp_path):
+    from seqlab.cli import run_job
+    body = """species:
+  Alpha: [{path: a1.fa, split: train}, {path: a2.fa, split: val}]
+  Beta: [{path: b1.fa, split: train}, {path: b2.fa, split: val}]
+"""
+    manifest = make_manifest(tmp_path, body)
+    with pytest.raises(DataError, match="no file or region is in the test split"):
+        run_job(compose("finetune_species", [
+            f"data.manifest={manifest}", f"run_dir={tmp_path / 'run'}", "data.window=64",
+            "trainer.max_steps=2", "trainer.progress=false"]))
+    assert not (tmp_path / "run").exists(), "nothing trained, nothing written"

@@ -18,7 +18,7 @@ from ..data.species import SpeciesManifest, SpeciesWindowDataset, species_eval_w
 from ..data.windows import contig_intervals, sample_window, tile_windows
 from ..plots import plot_confusion_matrix
 from ..train import RunDir, Task, load_weights
-from .common import make_trainer, model_config, print_summary, resolve_path
+from .common import fit, model_config, print_summary, resolve_path
 
 log = logging.getLogger("seqlab")
 
@@ -104,6 +104,11 @@ class SpeciesTask(Task):
                                            stride=d.get("eval_stride"),
                                            max_per_species=d.eval_max_per_species,
                                            max_n_frac=d.max_n_frac)
+        # Built now, so that a manifest without test data stops before training, not after.
+        self.test_ds = species_eval_windows(self.manifest, "test", window=d.window,
+                                            stride=d.get("eval_stride"),
+                                            max_per_species=d.test_max_per_species,
+                                            max_n_frac=d.max_n_frac)
         self.classes = list(self.manifest.species)
 
     def build_model(self, device):
@@ -143,11 +148,7 @@ class SpeciesTask(Task):
         return {"val_accuracy": rep["accuracy"], "val_macro_f1": rep["macro_f1"]}
 
     def finish(self, model, run: RunDir, device):
-        d = self.cfg.data
-        test = species_eval_windows(self.manifest, "test", window=d.window,
-                                    stride=d.get("eval_stride"),
-                                    max_per_species=d.test_max_per_species,
-                                    max_n_frac=d.max_n_frac)
+        test = self.test_ds
         y, pred, probs = predict(model, test, device, self.cfg.eval_batch_size)
         rep = classification_report(y, pred, self.classes)
         out = run.path / "test_report.json"
@@ -175,8 +176,7 @@ class SpeciesTask(Task):
 
 
 def finetune_species(cfg: DictConfig) -> dict:
-    trainer = make_trainer(cfg)
-    summary = trainer.fit(SpeciesTask(cfg), resume=cfg.get("resume", True))
+    summary, trainer = fit(cfg, SpeciesTask)
     if trainer.dist.is_main:
         print_summary("finetune_species", summary, trainer.run)
         for key in ("training_plot", "confusion_plot", "probe_plot"):
@@ -274,8 +274,7 @@ class DNAPretrainTask(Task):
 
 
 def pretrain_dna(cfg: DictConfig) -> dict:
-    trainer = make_trainer(cfg)
-    summary = trainer.fit(DNAPretrainTask(cfg), resume=cfg.get("resume", True))
+    summary, trainer = fit(cfg, DNAPretrainTask)
     if trainer.dist.is_main:
         print_summary("pretrain_dna", summary, trainer.run)
     return summary

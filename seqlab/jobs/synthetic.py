@@ -28,8 +28,9 @@ from ..data.synthetic import (IGNORE_INDEX, LengthCurriculum, SyntheticTask, mak
 # they are re-exported here for existing callers.
 from ..synthetic_eval import (accuracy, answer_logits_chunked, answer_logits_full,  # noqa: F401
                               evaluate_task, plot_extrapolation)
+from .. import distributed as D
 from ..train import RunDir, Task
-from .common import make_trainer, model_config, print_summary, trainer_config
+from .common import fit, model_config, print_summary, trainer_config
 
 log = logging.getLogger("seqlab")
 
@@ -161,9 +162,8 @@ class SyntheticLMTask(Task):
 
 
 def train_synthetic(cfg: DictConfig) -> dict:
-    trainer = make_trainer(cfg)
-    task = SyntheticLMTask(cfg, world_size=trainer.dist.world_size)
-    summary = trainer.fit(task, resume=cfg.get("resume", True))
+    # fit() joins the process group before it builds the task, so the world size is known.
+    summary, trainer = fit(cfg, lambda c: SyntheticLMTask(c, world_size=D.world_size()))
     if trainer.dist.is_main:
         print_summary(f"synthetic {cfg.data.task}", summary, trainer.run)
         for key in ("training_plot", "extrapolation_plot"):
