@@ -23,6 +23,23 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def length_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """(batch, length) bool, True at the real positions t < lengths[b] of right-padded
+    sequences; ``lengths`` (batch,) int. The one place seqlab builds a padding mask."""
+    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None = None,
+             cache_enabled: bool = True):
+    """Mixed precision in ``dtype`` on the device's type, or autocast explicitly off when
+    ``dtype`` is None (so an enclosing autocast does not leak in). The one place seqlab opens
+    an autocast context."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if dtype is None:
+        return torch.autocast(kind, enabled=False)
+    return torch.autocast(kind, dtype=dtype, cache_enabled=cache_enabled)
+
+
 def cosine_lr(lr: float, min_lr_ratio: float, progress: float) -> float:
     """Cosine decay from lr (progress 0) to lr * min_lr_ratio (progress >= 1)."""
     p = min(1.0, max(0.0, progress))
