@@ -39,13 +39,13 @@ log = logging.getLogger("seqlab")
 
 # job name (the recipe's `job:` key) -> "module:function" taking the resolved DictConfig.
 JOBS = {
-    "finetune_species": "seqlab.jobs.species:finetune_species",
-    "pretrain_dna": "seqlab.jobs.species:pretrain_dna",
+    "finetune_species": "seqlab.jobs.finetune_species:finetune_species",
+    "pretrain_dna": "seqlab.jobs.pretrain_dna:pretrain_dna",
     "embed": "seqlab.jobs.embed:embed",
-    "probe": "seqlab.jobs.embed:probe",
+    "probe": "seqlab.jobs.probe:probe",
     "synthetic": "seqlab.jobs.synthetic:train_synthetic",
-    "train_audio": "seqlab.jobs.audio:train_audio",
-    "generate_audio": "seqlab.jobs.audio:generate_audio",
+    "train_audio": "seqlab.jobs.train_audio:train_audio",
+    "generate_audio": "seqlab.jobs.generate_audio:generate_audio",
 }
 
 
@@ -202,7 +202,7 @@ def _cmd_run(args):
 
 
 def _cmd_status(args):
-    from .rundir import describe_status
+    from .training.rundir import describe_status
     for path in args.run_dirs:
         print(describe_status(path))
 

@@ -1,9 +1,12 @@
 """Batched autoregressive sampling from a causal model with the cache protocol.
 
 The model must provide ``allocate_cache(batch, dtype)``, ``forward(ids, cache=cache)``
-(prefill, returns logits (batch, P, V)) and ``step(ids_t, cache)`` (returns logits (batch, V));
-:class:`seqlab.model.MambaLM` does. Decoding costs O(1) per token: one ``step`` on fixed-size
-states, never a pass over the prefix.
+(prefill, returns logits (batch, P, V)) and ``step(ids_t, cache, for_graph=False)`` (returns
+logits (batch, V); ``for_graph=True`` marks the calls made for a CUDA-graph capture and its
+warm-up, so that a model can pick the step that is fastest when replayed);
+:class:`seqlab.model.MambaLM` does. A model may also offer ``step_and_pick`` (the step and the
+pick of the next id in one launch, MambaLM's persistent step), used where it accepts. Decoding
+costs O(1) per token: one ``step`` on fixed-size states, never a pass over the prefix.
 
 Sampling is Gumbel-max: the next id is argmax(logits / temperature + g) with g standard Gumbel
 noise drawn from the call's seeded generator, which samples exactly softmax(logits /
@@ -27,7 +30,6 @@ output), so a caller with a time budget gets what fitted in it.
 from __future__ import annotations
 
 import math
-import os
 import time
 import weakref
 from collections import OrderedDict
@@ -123,35 +125,36 @@ class _Decoder:
     def _capture(self, phase: int) -> "torch.cuda.CUDAGraph":
         """Capture one chunk starting at ``phase``. The warm-up run (it compiles the kernels)
         advances the cache and the current ids, so both are restored afterwards."""
-        from seqlab.model.decode import graph_decoding
         state = [t for layer in self.cache for t in layer] + [self.ids]
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), graph_decoding():
-            self._steps(self.steps, phase)
+        with torch.cuda.stream(stream):
+            self._steps(self.steps, phase, for_graph=True)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), graph_decoding():
-            self._steps(self.steps, phase)
+        with torch.cuda.graph(graph):
+            self._steps(self.steps, phase, for_graph=True)
         for dst, src in zip(state, saved):
             dst.copy_(src)
         return graph
 
-    def _steps(self, n: int, phase: int):
+    def _steps(self, n: int, phase: int, for_graph: bool = False):
+        """n decoding steps from position phase (mod the period); ``for_graph``: they are
+        being captured into a CUDA graph (or are its warm-up)."""
         model = self._model()
-        if self.fused_pick:  # CUDA only: the imports need Triton
-            from seqlab.kernels.mixer_step_triton import pick_step
-            from seqlab.model.decode import step_and_pick
+        step_and_pick = getattr(model, "step_and_pick", None) if self.fused_pick else None
+        if self.fused_pick:  # CUDA only: the import needs Triton
+            from seqlab.kernels.decode import pick_step
         for s in range(n):
             if self.multiscale:
                 self.cache.t_hint = (phase + s) % self.period
             noise = None if self.noise is None else self.noise[s]
             inv = 1.0 if self.noise is None else 1.0 / self.temperature
-            if self.fused_pick and step_and_pick(model, self.ids, self.cache, noise, inv,
-                                                 self.out, s, self.vocab):
+            if step_and_pick is not None and step_and_pick(
+                    self.ids, self.cache, noise, inv, self.out, s, self.vocab, for_graph):
                 continue  # step and pick in one launch (the persistent step)
-            logits = model.step(self.ids, self.cache)
+            logits = model.step(self.ids, self.cache, for_graph=for_graph)
             if self.fused_pick:
                 pick_step(logits, noise, inv, self.ids, self.out, s, self.vocab)
             else:
@@ -187,9 +190,11 @@ class _Decoder:
 def _decoder(model, batch, dtype, device, vocab, temperature, top_k, top_p, cuda_graph) -> _Decoder:
     """A cached decoder for these settings (graphs are captured once, then replayed)."""
     params = tuple(p.data_ptr() for p in model.parameters())  # a moved/reloaded model recaptures
+    config = getattr(model, "config", None)
+    # a captured graph holds one step path: the settings that choose it are part of the key
     key = (batch, dtype, str(device), vocab, float(temperature), int(top_k), float(top_p),
-           bool(cuda_graph), getattr(model.config, "scan_impl", None), params,
-           os.environ.get("SEQLAB_LM_STEP", ""))  # a captured graph holds one step path
+           bool(cuda_graph), getattr(config, "scan_impl", None), params,
+           getattr(config, "decode_step", None))
     per_model = _DECODERS.setdefault(model, OrderedDict())
     dec = per_model.get(key)
     if dec is None:

@@ -1,4 +1,5 @@
-"""train_audio / generate_audio end to end on the bundled speech, and bench_audio --quick.
+"""train_audio / generate_audio end to end on the bundled speech, and the audio and model
+benchmarks at --quick sizes.
 
 One tiny model is trained once per module (about half a minute on a shared CPU) and every
 generation test samples from it.
@@ -13,13 +14,15 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
-from seqlab.audio_io import AudioFileError, read_audio, write_wav
+from helpers.benchmarks import load_benchmark
 from seqlab.cli import compose, run_job
 from seqlab.data.audio import BUNDLED_SPEECH_MANIFEST, AudioClipDataset, load_manifest
+from seqlab.data.audio_io import AudioFileError, read_audio, write_wav
 from seqlab.data.mulaw import mulaw_decode
-from seqlab.jobs.audio import AudioBatch, AudioLMTask, code_nll, load_prompt
 from seqlab.model import MambaLM
-from seqlab.train import RunDir
+from seqlab.tasks.audio import AudioBatch, AudioLMTask, code_nll
+from seqlab.tasks.audio_sampling import load_prompt
+from seqlab.training.rundir import RunDir
 
 RATE = 16000
 
@@ -74,8 +77,10 @@ def test_train_audio_checkpoints_metrics_and_sample(trained):
     run_dir, summary = trained
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     spec = json.loads((ckpt / "config.json").read_text())
-    assert spec["audio"]["rate"] == RATE and spec["model"]["vocab_size"] == 256
-    assert spec["audio"]["normalize"] is True and spec["audio"]["encoding"] == "mulaw"
+    audio = spec["extra"]["audio"]
+    assert spec["architecture"] == "MambaLM" and "seqlab_version" in spec
+    assert audio["rate"] == RATE and spec["model"]["vocab_size"] == 256
+    assert audio["normalize"] is True and audio["encoding"] == "mulaw"
     evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if r["split"] == "eval"]
     assert evals and all(np.isfinite(r["val_bits_per_sample"]) for r in evals)
@@ -166,7 +171,7 @@ def test_nan_model_is_refused(trained, tmp_path):
 
 
 def test_bench_audio_quick(capsys):
-    from seqlab.bench_audio import main
+    main = load_benchmark("audio").main
     rows = main(["--device", "cpu", "--quick"])
     assert [r["name"] for r in rows] == ["gen_b1", "gen_b64", "train"]
     assert all(r["value"] > 0 for r in rows)
@@ -179,7 +184,7 @@ def test_bench_audio_quick(capsys):
 def test_bench_model_quick(capsys, tmp_path):
     import json
 
-    from seqlab.bench_model import main
+    main = load_benchmark("model").main
     out = tmp_path / "model.json"
     rows = main(["--device", "cpu", "--quick", "--steps", "1", "--json", str(out)])
     assert [r["name"] for r in rows] == ["train_130m", "train_caduceus", "decode_130m_b1_cg0",
@@ -243,7 +248,7 @@ def test_checkpoint_without_normalize_keeps_old_prompts_and_warns(trained, tmp_p
     old = tmp_path / "old_ckpt"
     old.mkdir()
     spec = json.loads((src / "config.json").read_text())
-    del spec["audio"]["normalize"]
+    del spec["extra"]["audio"]["normalize"]
     (old / "config.json").write_text(json.dumps(spec))
     (old / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     prompt = _low_gain_prompt(tmp_path)

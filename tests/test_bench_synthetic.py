@@ -1,6 +1,6 @@
-"""Smoke tests of the Hydra-free synthetic benchmark (python -m seqlab.bench_synthetic): a few
-CPU steps at --quick sizes for both tasks, the JSON it writes, and that it imports without
-omegaconf / hydra (the GPU machine has neither)."""
+"""Smoke tests of the Hydra-free synthetic benchmark (python benchmarks/synthetic.py): a few
+CPU steps at --quick sizes for both tasks through seqlab's Trainer, the JSON it writes, and
+that it imports without omegaconf / hydra (the GPU machine has neither)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,10 @@ import sys
 
 import pytest
 
-from seqlab.bench_synthetic import main, parse_lengths
+from helpers.benchmarks import BENCHMARKS, load_benchmark
+
+bench = load_benchmark("synthetic")
+main, parse_lengths = bench.main, bench.parse_lengths
 
 
 @pytest.mark.parametrize("task,extra", [("selective_copy", []),
@@ -59,6 +62,20 @@ def test_parse_lengths():
 
 
 def test_imports_without_hydra():
-    code = ("import sys; sys.modules['omegaconf'] = None; sys.modules['hydra'] = None; "
-            "import seqlab.bench_synthetic, seqlab.synthetic_eval")
+    code = ("import sys, runpy; sys.modules['omegaconf'] = None; sys.modules['hydra'] = None; "
+            f"runpy.run_path({str(BENCHMARKS / 'synthetic.py')!r}, run_name='bench')")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_trains_through_the_trainer_and_keeps_its_run_directory(tmp_path):
+    """--run-dir keeps what the Trainer wrote: metrics of every step, the final checkpoint in
+    the one format (the synthetic task's data under "extra"), a completed status."""
+    run = tmp_path / "run"
+    main(["--task", "induction", "--quick", "--device", "cpu", "--max-steps", "2",
+          "--extrapolate", "", "--run-dir", str(run)])
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in x]
+    assert steps == [1, 2]
+    config = json.loads((run / "checkpoints" / "step_0000002" / "config.json").read_text())
+    assert config["architecture"] == "MambaLM" and config["extra"]["task"]["task"] == "induction"

@@ -1,5 +1,7 @@
-"""seqlab.checkpoint: own-format round trips, atomic writes, key checks, safe unpickling, and
-conversion of transformers / mamba_ssm / Caduceus checkpoints (built here, never downloaded).
+"""seqlab.training.checkpoint and the one loader (seqlab.training.pretrained): own-format round
+trips, atomic writes, key checks, safe unpickling; run directories, step folders and the
+format_version 0 trainer layout opened by load_pretrained; and conversion of transformers /
+mamba_ssm / Caduceus checkpoints (built here, never downloaded).
 
 Every foreign model's parameters are perturbed with noise before saving, so a mapping that
 swaps, transposes or drops a tensor (dt bias, A_log, D, norms...) changes the logits.
@@ -7,6 +9,7 @@ swaps, transposes or drops a tensor (dt bias, A_log, D, norms...) changes the lo
 import json
 import os
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +17,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from seqlab import checkpoint as ckpt
-from seqlab.checkpoint import load_model, load_pretrained, save_model, write_checksums
+import seqlab
+from helpers.old_checkpoints import write_v0_checkpoint
 from seqlab.model.config import MambaConfig
+from seqlab.training import checkpoint as ckpt
+from seqlab.training.checkpoint import save_model, write_checksums
+from seqlab.training.pretrained import load_model, load_pretrained
+from seqlab.training.trainer import Task, Trainer, TrainerConfig
 
 from seqlab.model import Backbone, MaskedLM, MambaLM, SequenceClassifier
 from seqlab.model.mixer import Mixer
@@ -505,3 +512,121 @@ def test_saved_model_is_verified_before_loading(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
         load_model(tmp_path / "ck")
+
+
+# ============================================================================ the one loader
+class _LMTask(Task):
+    """A tiny causal LM task for the Trainer: sample i is random ids seeded by i."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def build_model(self, device):
+        return MambaLM(self.config, device=device)
+
+    def checkpoint_extra(self):
+        return {"window": 16}
+
+    def train_batch(self, indices, device):
+        ids = torch.stack([torch.randint(0, 60, (16,), generator=torch.Generator().manual_seed(i))
+                           for i in indices])
+        return SimpleNamespace(ids=ids.to(device))
+
+    def loss(self, model, batch):
+        logits = model(batch.ids).float()
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.ids[:, 1:].flatten())
+        return loss, {"loss": loss.item()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("lm") / "run"
+    cfg = TrainerConfig(max_steps=4, micro_batch_size=2, lr=1e-2, warmup_steps=1, log_every=2,
+                        eval_every=0, ckpt_every=2, keep_checkpoints=2, device="cpu",
+                        progress=False, seed=0)
+    Trainer(cfg, run).fit(_LMTask(tiny()))
+    return run
+
+
+def test_trainer_checkpoints_are_the_one_format(trained_run):
+    step = trained_run / "checkpoints" / "step_0000004"
+    assert sorted(os.listdir(step)) == ["checksums.json", "config.json", "model.safetensors",
+                                        "optimizer.pt", "trainer_state.json"]
+    meta = json.loads((step / "config.json").read_text())
+    assert meta["seqlab_version"] == seqlab.__version__ and meta["format_version"] == 1
+    assert meta["architecture"] == "MambaLM" and MambaConfig.from_dict(meta["model"]) == tiny()
+    assert meta["extra"] == {"window": 16} and meta["head"] == {}
+    assert meta["ties"] == {"lm_head.weight": "backbone.embedding.weight"}
+    assert "lm_head.weight" not in saved_keys(step)
+    assert json.loads((step / "trainer_state.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("where", ["run", "checkpoints", "step"])
+def test_load_pretrained_opens_a_run_its_checkpoints_and_a_step_folder(trained_run, where):
+    path = {"run": trained_run, "checkpoints": trained_run / "checkpoints",
+            "step": trained_run / "checkpoints" / "step_0000004"}[where]
+    model, info = load_model(path)
+    assert type(model) is MambaLM and not model.training
+    assert info["path"] == str(trained_run / "checkpoints" / "step_0000004")
+    assert info["format"] == "seqlab" and info["extra"] == {"window": 16}
+    assert model.lm_head.weight.data_ptr() == model.backbone.embedding.weight.data_ptr()
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(path)(x), model(x))
+        older = load_pretrained(trained_run / "checkpoints" / "step_0000002")
+        assert not torch.equal(older(x), model(x))
+    assert seqlab.load_pretrained is load_pretrained
+
+
+def test_run_whose_newest_checkpoint_is_corrupt_or_which_failed_says_what_it_loads(
+        trained_run, tmp_path, caplog):
+    import shutil
+
+    from seqlab.training.rundir import RunDir
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    weights = run / "checkpoints" / "step_0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    RunDir(run).set_status("failed", step=4, error="RuntimeError: simulated")
+    with caplog.at_level("WARNING", logger="seqlab"):
+        _, info = load_model(run)
+    assert info["path"] == str(run / "checkpoints" / "step_0000002")
+    assert "step_0000004" in caplog.text and "model.safetensors" in caplog.text
+    line = [r.getMessage() for r in caplog.records if "loading its checkpoint" in r.getMessage()]
+    assert len(line) == 1 and "failed at step 4" in line[0] and "step_0000002" in line[0]
+    weights = run / "checkpoints" / "step_0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint"):
+        load_model(run)
+
+
+def test_format_0_trainer_checkpoints_still_load(tmp_path, rng_seed):
+    """Checkpoints of the trainer layout of format_version 0 (config.json = the task's spec,
+    no seqlab_version, no checksums) open through the same loader, their head kwargs and
+    task info mapped onto the current layout."""
+    config = tiny(bidirectional=True)
+    cls = perturb(SequenceClassifier(config, num_classes=3, pooling="max"), rng_seed)
+    run = tmp_path / "species_run"
+    write_v0_checkpoint(cls, run / "checkpoints" / "step_0000003", {
+        "architecture": "SequenceClassifier", "model": config.to_dict(), "num_classes": 3,
+        "pooling": "max", "conjoin_rc": False, "classes": ["a", "b", "c"], "window": 64},
+        optimizer=True)
+    loaded, info = load_model(run)
+    assert type(loaded) is SequenceClassifier and info["format_version"] == 0
+    assert info["head"] == {"num_classes": 3, "pooling": "max", "conjoin_rc": False}
+    assert info["extra"] == {"classes": ["a", "b", "c"], "window": 64}
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), cls(x))
+
+    lm_config = tiny()
+    lm = perturb(MambaLM(lm_config), rng_seed + 1)
+    audio = {"rate": 16000, "encoding": "mulaw", "normalize": True, "clip_seconds": 0.25,
+             "start_code": 128}
+    folder = write_v0_checkpoint(lm, tmp_path / "step_0000010", {
+        "architecture": "MambaLM", "model": lm_config.to_dict(), "audio": audio})
+    loaded, info = load_model(folder)
+    assert info["extra"] == {"audio": audio} and info["head"] == {}
+    assert loaded.lm_head.weight.data_ptr() == loaded.backbone.embedding.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), lm(x))

@@ -10,8 +10,8 @@ import torch
 from seqlab.cli import _as_force_add, compose, main
 from seqlab.errors import ConfigError
 from seqlab.jobs.schema import JOB_SCHEMAS, validate
-from seqlab.rundir import RunDir
-from seqlab.train import TrainerConfig
+from seqlab.training.rundir import RunDir
+from seqlab.training.trainer import TrainerConfig
 
 
 def _run(capsys, *argv):

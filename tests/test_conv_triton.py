@@ -3,7 +3,8 @@
 Without CUDA these run under TRITON_INTERPRET=1 (conftest.py) with tiles shrunk so that small
 shapes still span several channel blocks (with a ragged last one), several L tiles per backward
 program and several backward programs along L. Output buffers are filled with NaN before the
-kernels write them (conv_triton.POISON).
+kernels write them (conv_triton.POISON). Every call asks for impl="triton" (on the CPU "auto"
+would take the torch reference).
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from seqlab.kernels import conv_triton  # noqa: E402
-from seqlab.kernels.conv_triton import (causal_conv1d_silu,  # noqa: E402
-                                        causal_conv1d_silu_reference)
+from seqlab.kernels.conv import (causal_conv1d_silu, causal_conv1d_silu_reference,  # noqa: E402
+                                 causal_conv1d_update)
+from seqlab.kernels.conv import triton_kernels as conv_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # relative L2 error allowed: float32 arithmetic, and for fp16/bf16 the rounding of the outputs
@@ -60,7 +61,8 @@ def check(batch, E, L, K, dtype, reverse, layout, has_bias, param_dtype=None, se
 
     leaves = [x, w] + ([b] if has_bias else [])
     tri = [t.detach().clone().requires_grad_(True) for t in leaves]
-    u = causal_conv1d_silu(tri[0], tri[1], tri[2] if has_bias else None, reverse=reverse)
+    u = causal_conv1d_silu(tri[0], tri[1], tri[2] if has_bias else None, reverse=reverse,
+                           impl="triton")
     assert u.shape == (batch, E, L) and u.dtype == dtype
     assert u.stride(1) == 1 and u.transpose(1, 2).is_contiguous(), u.stride()
     grads = torch.autograd.grad(u, tri, gout)
@@ -113,13 +115,14 @@ def test_width_one_and_deterministic_backward(small_tiles):
 def test_rejects_bad_arguments():
     x = torch.randn(1, 4, 6, device=DEV)
     with pytest.raises(ValueError, match="K=5"):
-        causal_conv1d_silu(x, torch.randn(4, 5, device=DEV))
+        causal_conv1d_silu(x, torch.randn(4, 5, device=DEV), impl="triton")
     with pytest.raises(ValueError, match="weight"):
-        causal_conv1d_silu(x, torch.randn(3, 4, device=DEV))
+        causal_conv1d_silu(x, torch.randn(3, 4, device=DEV), impl="triton")
     with pytest.raises(ValueError, match="bias"):
-        causal_conv1d_silu(x, torch.randn(4, 4, device=DEV), torch.randn(3, device=DEV))
+        causal_conv1d_silu(x, torch.randn(4, 4, device=DEV), torch.randn(3, device=DEV),
+                           impl="triton")
     with pytest.raises(ValueError, match="length 0"):
-        causal_conv1d_silu(x[..., :0], torch.randn(4, 4, device=DEV))
+        causal_conv1d_silu(x[..., :0], torch.randn(4, 4, device=DEV), impl="triton")
 
 
 # --------------------------------------------------------------------------- GPU tier
@@ -170,7 +173,6 @@ def test_conv_update_equals_torch_step(dtype, K, bias):
     """causal_conv1d_update: the in-place state shift and the SiLU output equal the torch
     step (roll, write, multiply-sum, bias, SiLU), over several steps, and stepping through a
     sequence reproduces the full causal conv."""
-    from seqlab.kernels.conv_triton import causal_conv1d_update
     batch, E, L = 3, 150, 6  # E spans two channel blocks of 128, the last one ragged
     x = torch.randn(batch, E, L, device=DEV).to(dtype)
     w = torch.randn(E, 1, K, device=DEV)
@@ -181,7 +183,7 @@ def test_conv_update_equals_torch_step(dtype, K, bias):
                                         w.double(), None if b is None else b.double())
     tol = TOL[dtype] if dtype != torch.float32 else 1e-5
     for t in range(L):
-        u = causal_conv1d_update(x[..., t], state, w, b)
+        u = causal_conv1d_update(x[..., t], state, w, b, impl="triton")
         ref_state = torch.cat([ref_state[..., 1:], x[..., t:t + 1]], -1)
         assert torch.equal(state, ref_state)
         want = full[..., K - 1 + t]
@@ -191,8 +193,9 @@ def test_conv_update_equals_torch_step(dtype, K, bias):
 
 
 def test_conv_update_rejects_bad_shapes():
-    from seqlab.kernels.conv_triton import causal_conv1d_update
     with pytest.raises(ValueError, match="conv_state"):
-        causal_conv1d_update(torch.zeros(2, 8), torch.zeros(2, 7, 4), torch.zeros(8, 4))
+        causal_conv1d_update(torch.zeros(2, 8), torch.zeros(2, 7, 4), torch.zeros(8, 4),
+                             impl="triton")
     with pytest.raises(ValueError, match="weight"):
-        causal_conv1d_update(torch.zeros(2, 8), torch.zeros(2, 8, 4), torch.zeros(8, 3))
+        causal_conv1d_update(torch.zeros(2, 8), torch.zeros(2, 8, 4), torch.zeros(8, 3),
+                             impl="triton")

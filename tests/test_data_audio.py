@@ -13,12 +13,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from seqlab.audio_io import (SUPPORTED_SUFFIXES, AudioFileError, read_audio, resample, save_spectrogram_png,
-                             to_mono, write_wav)
+from seqlab.data.audio_io import (SUPPORTED_SUFFIXES, AudioFileError, read_audio, resample, to_mono,
+                                  write_wav)
 from seqlab.data.audio import (BUNDLED_SPEECH_MANIFEST, DIGIT_WORDS, AudioClipDataset, AudioRecord, find_audio_files,
                                load_manifest, log_skipped, prepare_speech, scan_audio_folder, shift_right,
                                split_files, write_manifest, write_skipped)
 from seqlab.errors import DataError
+from seqlab.tasks.plots import save_spectrogram_png
 from seqlab.data.mulaw import (LINEAR_MAX_ERROR, LINEAR_ZERO_CODE, MU, MULAW_STEP, ZERO_CODE, linear_decode,
                                linear_encode, mulaw_decode, mulaw_encode, mulaw_error_bound)
 

@@ -18,7 +18,9 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _model(dtype=torch.float32, **kw):
-    base = dict(d_model=32, n_layer=2, vocab_size=256, scan_impl="triton")
+    """decode_step="fused": the fused kernels at every batch size here (auto hands large
+    batches and wide models to the per-op step)."""
+    base = dict(d_model=32, n_layer=2, vocab_size=256, scan_impl="triton", decode_step="fused")
     base.update(kw)
     cfg = MambaConfig(**base)
     m = MambaLM(cfg, device=DEV, dtype=dtype).eval()
@@ -36,13 +38,6 @@ def _random_cache(m, batch, dtype):
     return cache, [(a.clone(), b.clone()) for a, b in cache]
 
 
-@pytest.fixture(autouse=True)
-def force_fused(monkeypatch):
-    """The fused kernels at every batch size here (auto hands large batches and wide models to
-    the per-op step)."""
-    monkeypatch.setenv("SEQLAB_LM_STEP", "fused")
-
-
 @pytest.mark.parametrize("batch", [1, 3, 17])
 @pytest.mark.parametrize("kw", [
     {},
@@ -54,11 +49,11 @@ def force_fused(monkeypatch):
 def test_fused_step_equals_per_op_step(batch, kw, monkeypatch):
     if kw.get("norm") == "layer":
         # Also cover rows wider than one block (two passes over the partials).
-        import seqlab.kernels.mixer_step_triton as mst
+        import seqlab.kernels.decode.mixer_step as mst
         monkeypatch.setattr(mst, "MAX_ROW_BLOCK", 16)
     if kw.get("bias"):
         # Also cover the last-program reductions at batch < 16 (wide models use them).
-        import seqlab.kernels.mixer_step_triton as mst
+        import seqlab.kernels.decode.mixer_step as mst
         monkeypatch.setattr(mst, "LAST_MIN_D_MODEL", 0)
     torch.manual_seed(batch)
     m = _model(**kw)
@@ -99,8 +94,7 @@ def test_fused_step_bf16_weights_close_to_per_op(batch):
 
 def test_fused_step_is_chosen_only_where_it_applies(monkeypatch):
     import seqlab.model.decode as dec
-    monkeypatch.setenv("SEQLAB_LM_STEP", "auto")
-    m = _model()
+    m = _model(decode_step="auto")
     big = dec.FUSED_MAX_BATCH + 1
     # On a GPU a narrow model at a small batch takes the persistent form of the fused step.
     small = ("persistent_triton" if DEV.type == "cuda"
@@ -115,25 +109,26 @@ def test_fused_step_is_chosen_only_where_it_applies(monkeypatch):
     with torch.no_grad():  # a wide model: fused at small batches, unless graph-captured
         m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
         assert last_impl("lm_step") == "fused_triton"
-        with dec.graph_decoding():
-            m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
-            assert last_impl("lm_step") == "per_op"
+        m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1),
+               for_graph=True)
+        assert last_impl("lm_step") == "per_op"
         m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
         assert last_impl("lm_step") == "fused_triton"
-        monkeypatch.setenv("SEQLAB_LM_STEP", "per_op")
+        m.config.decode_step = "per_op"
         m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
         assert last_impl("lm_step") == "per_op"
-        monkeypatch.setenv("SEQLAB_LM_STEP", "fused")
         with pytest.raises(ValueError, match="does not apply"):
             _model(selective=False).step(torch.zeros(1, dtype=torch.long, device=DEV),
                                          _model(selective=False).allocate_cache(1))
-        monkeypatch.setenv("SEQLAB_LM_STEP", "fastest")
-        with pytest.raises(ValueError, match="SEQLAB_LM_STEP"):
+        m.config.decode_step = "fastest"
+        with pytest.raises(ValueError, match="decode_step"):
             m.step(torch.zeros(1, dtype=torch.long, device=DEV), m.allocate_cache(1))
-    monkeypatch.setenv("SEQLAB_LM_STEP", "auto")
+        with pytest.raises(ValueError, match="decode_step"):
+            MambaConfig(decode_step="fastest")
+    m.config.decode_step = "auto"
     assert fused_step_reason(m, DEV) is None
     assert "LTI" in fused_step_reason(_model(selective=False), DEV)
-    torch_impl = _model(scan_impl="torch")
+    torch_impl = _model(scan_impl="torch", decode_step="auto")
     assert fused_step_reason(torch_impl, DEV) is not None
     cache = torch_impl.allocate_cache(1)
     torch_impl.step(torch.zeros(1, dtype=torch.long, device=DEV), cache)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from seqlab.generation import generate
-from seqlab.kernels.lm_step_persistent import PersistentStep
+from seqlab.kernels.decode import PersistentStep
 from seqlab.model import MambaConfig, MambaLM
-from seqlab.model.decode import step_path
+from seqlab.model.decode import lm_weights, step_path
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -60,7 +60,7 @@ def test_phased_step_equals_per_op_step(batch, kw):
     torch.manual_seed(batch)
     m = _model(**kw)
     got, ref = _caches(m, batch, 2)
-    st = PersistentStep(m, got, batch, block_e=16, persist=False)
+    st = PersistentStep(lm_weights(m), got, batch, block_e=16, persist=False)
     assert st.P > 1  # several programs share the channels
     with torch.no_grad():
         for _ in range(3):
@@ -84,9 +84,9 @@ def test_phased_step_with_pick(noise):
     nz = torch.randn(batch, 256, device=DEV) if noise else None
     inv = 0.5 if noise else 1.0
     with torch.no_grad():
-        lg = PersistentStep(m, plain, batch, block_e=8, persist=False)(ids).clone()
+        lg = PersistentStep(lm_weights(m), plain, batch, block_e=8, persist=False)(ids).clone()
         nxt = ids.clone()  # the step reads the ids, the pick overwrites them
-        PersistentStep(m, picked, batch, block_e=8, persist=False)(
+        PersistentStep(lm_weights(m), picked, batch, block_e=8, persist=False)(
             nxt, (nz, inv, nxt, out, 3, 200))
     want = (lg[:, :200] * inv + (nz[:, :200] if noise else 0)).argmax(-1)
     torch.testing.assert_close(nxt, want)
@@ -99,11 +99,11 @@ def test_persistent_launch_refused_by_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     m = _model()
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        PersistentStep(m, m.allocate_cache(1), 1, persist=True)
-    monkeypatch.setenv("SEQLAB_LM_STEP", "persistent")
+        PersistentStep(lm_weights(m), m.allocate_cache(1), 1, persist=True)
+    m.config.decode_step = "persistent"
     with pytest.raises(ValueError, match="do not fit|interpreted"):
         step_path(m, torch.zeros(1, dtype=torch.long, device=DEV))
-    monkeypatch.setenv("SEQLAB_LM_STEP", "auto")
+    m.config.decode_step = "auto"
     assert step_path(m, torch.zeros(1, dtype=torch.long, device=DEV)) != "persistent"
 
 
@@ -126,7 +126,7 @@ def test_layers_that_differ_are_refused():
     cache = m.allocate_cache(1)
     cache[1] = (cache[1][0].to(torch.float64), cache[1][1])  # one layer's conv state differs
     with pytest.raises(ValueError, match="layer 1 entry 13"):
-        PersistentStep(m, cache, 1, persist=False)
+        PersistentStep(lm_weights(m), cache, 1, persist=False)
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -137,8 +137,8 @@ def test_persistent_step_equals_phased_and_per_op(batch, kw):
     torch.manual_seed(batch + 10)
     m = _model(**kw)
     pers, phased, ref = _caches(m, batch, 3)
-    a = PersistentStep(m, pers, batch, block_e=8, persist=True)
-    b = PersistentStep(m, phased, batch, block_e=8, persist=False)
+    a = PersistentStep(lm_weights(m), pers, batch, block_e=8, persist=True)
+    b = PersistentStep(lm_weights(m), phased, batch, block_e=8, persist=False)
     with torch.no_grad():
         for _ in range(20):  # many launches: the barrier counters must reset every time
             ids = torch.randint(0, m.config.vocab_size, (batch,), device=DEV)
@@ -157,8 +157,8 @@ def test_persistent_step_bf16_and_pick():
     m = _model(dtype=torch.bfloat16, d_model=64, n_layer=3)
     batch = 2
     pers, fused = _caches(m, batch, 2, torch.bfloat16)
-    a = PersistentStep(m, pers, batch, persist=True)
-    b = PersistentStep(m, fused, batch, persist=False)
+    a = PersistentStep(lm_weights(m), pers, batch, persist=True)
+    b = PersistentStep(lm_weights(m), fused, batch, persist=False)
     out = torch.zeros(batch, 4, dtype=torch.long, device=DEV)
     ids_a = torch.randint(0, 256, (batch,), device=DEV)
     ids_b = ids_a.clone()

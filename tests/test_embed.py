@@ -11,18 +11,19 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.old_checkpoints import write_v0_checkpoint
 from seqlab.cli import compose, run_job
 from seqlab.data.genome import Genome
 from seqlab.data.windows import contig_intervals, tile_windows
-from seqlab.embed import GenomeSpan, embed_items, embed_windows, load_embeddings
 from seqlab.errors import DataError
-from seqlab.jobs.embed import PooledBackbone
-from seqlab.jobs.species import predict
 from seqlab.model import SequenceClassifier
 from seqlab.model.config import MambaConfig
 from seqlab.model.heads import pool
 from seqlab.model.rc import reverse_complement
-from seqlab.train import save_weights
+from seqlab.tasks.embed import GenomeSpan, PooledBackbone, embed_items, embed_windows
+from seqlab.tasks.embeddings import load_embeddings
+from seqlab.tasks.species import predict
+from seqlab.training.checkpoint import save_model
 
 CPU = torch.device("cpu")
 ACGT = np.frombuffer(b"ACGT", np.uint8)
@@ -158,8 +159,7 @@ def test_minus_strand_chunks_read_the_reverse_complement_in_order(tmp_path, rng_
 RSS_SCRIPT = textwrap.dedent("""
     import resource, sys
     import numpy as np, torch
-    from seqlab.embed import GenomeSpan, embed_items
-    from seqlab.jobs.embed import PooledBackbone
+    from seqlab.tasks.embed import GenomeSpan, PooledBackbone, embed_items
     from seqlab.model import SequenceClassifier
     from seqlab.model.config import MambaConfig
     torch.set_num_threads(1)
@@ -199,13 +199,8 @@ def test_peak_rss_does_not_grow_with_interval_length(tmp_path):
 def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = _tiny(bidirectional=True)
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    save_weights(model.state_dict(), ckpt / "model.safetensors")
-    (ckpt / "config.json").write_text(json.dumps({
-        "architecture": "SequenceClassifier", "model": model.config.to_dict(), "num_classes": 2,
-        "pooling": "mean", "classes": ["a", "b"], "window": 64}))
-    return ckpt
+    return save_model(model, tmp_path / "ckpt", model.config,
+                      extra={"classes": ["a", "b"], "window": 64})
 
 
 def _fasta(path, records):
@@ -282,6 +277,29 @@ def test_manifest_windows_are_read_lazily_and_labelled_from_the_manifest(tmp_pat
     assert len(emb) == s["n"] == 2 * len(emb.classes) and s["skipped"] == 0
     assert sorted(set(emb.label.tolist())) == list(range(len(emb.classes)))
     assert (emb.end - emb.start == 1024).all() and all(g.endswith(".fa.gz") for g in emb.group)
+
+
+def test_embed_reads_a_format_0_trainer_checkpoint_in_a_run_directory(tmp_path, checkpoint,
+                                                                      rng_seed):
+    """A finetune_species run checkpointed in the trainer layout of format_version 0 (users
+    have such runs) opens through the one loader from its run directory and embeds exactly
+    as the same weights saved in the current format; its classes and window come along."""
+    torch.manual_seed(0)
+    model = _tiny(bidirectional=True)  # the fixture's weights
+    run = tmp_path / "old_run"
+    write_v0_checkpoint(model, run / "checkpoints" / "step_0000003", {
+        "architecture": "SequenceClassifier", "model": model.config.to_dict(), "num_classes": 2,
+        "pooling": "mean", "conjoin_rc": False, "classes": ["a", "b"], "window": 64},
+        optimizer=True)
+    rng = np.random.default_rng(rng_seed)
+    fa = _fasta(tmp_path / "g.fa", {"c": _dna(rng, 300).tobytes().decode()})
+    _embed(tmp_path, checkpoint, "new", f"data.fasta={fa}")
+    _embed(tmp_path, run, "old", f"data.fasta={fa}")
+    new = load_embeddings(tmp_path / "new" / "embeddings.npz")
+    old = load_embeddings(tmp_path / "old" / "embeddings.npz")
+    np.testing.assert_array_equal(old.embeddings, new.embeddings)
+    assert old.classes == ["a", "b"] and old.info["window"] == 64 and len(old) == 300 // 64
+    assert old.info["checkpoint"] == str(run / "checkpoints" / "step_0000003")
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -131,7 +131,7 @@ def test_cuda_graphed_training_step_matches_eager(bidirectional):
     trainer.cuda_graph=true and the bench's CUDA-graph training rows use) give the eager
     logits and gradients, replay after replay, on fresh inputs each time; eval-mode calls and
     new shapes run or capture as they should."""
-    from seqlab.cuda_graphs import GraphedForward
+    from seqlab.training.cuda_graphs import GraphedForward
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=64, n_layer=2, vocab_size=256, bidirectional=bidirectional,
                       fused_mixer=True, fused_add_norm=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from seqlab.cli import compose, run_job
-from seqlab.embed import Embeddings, load_embeddings, save_embeddings
+from seqlab.tasks.embeddings import Embeddings, load_embeddings, save_embeddings
 from seqlab.errors import MissingInput
 
 TINY = ["model.d_model=16", "model.n_layer=1", "model.d_state=4", "trainer.micro_batch_size=4",
@@ -61,6 +61,10 @@ def test_pretrain_then_finetune_from_it_then_embed_fasta(tmp_path):
     emb = load_embeddings(emb_run / "embeddings.npz")
     assert len(emb) == 450_000 // 4096 and (np.diff(emb.start) == 4096).all()
     assert emb.info["window"] == 4096 and np.isfinite(emb.embeddings).all()
+    # The run directory opened through the one loader: its newest checkpoint, and the species
+    # names the finetune task stored in it.
+    assert emb.info["checkpoint"] == str(ft / "checkpoints" / "step_0000001")
+    assert emb.info["architecture"] == "SequenceClassifier" and len(emb.classes) == 4
 
 
 def test_probe_separates_clearly_separable_embeddings(tmp_path):

@@ -123,8 +123,8 @@ def test_auto_on_cpu_is_logged(caplog, monkeypatch, with_numba):
 
 
 def test_torch_impl_calls_scan_torch(monkeypatch):
-    """impl="torch" reaches kernels/scan_torch.py with the validated arguments, positionally."""
-    import seqlab.kernels.scan_torch as st
+    """impl="torch" reaches kernels/scan/chunked.py with the validated arguments, positionally."""
+    import seqlab.kernels.scan.chunked as st
     seen = {}
 
     def spy(*args):
@@ -153,6 +153,40 @@ def test_last_impl_per_op():
     assert last_impl("selective_scan") == "torch"
     assert last_impl("selective_state_update") == "reference"
     assert set(K.IMPLS) == {"auto", "triton", "numba", "torch", "reference"}
+
+
+def test_scan_tuning_must_be_a_scan_tuning():
+    with pytest.raises(ValueError, match="argument 'tuning'"):
+        selective_scan(**inputs(), impl="torch", tuning={"ckpt_every": 32})
+    with pytest.raises(ValueError, match="ckpt_every=48"):
+        K.ScanTuning(ckpt_every=48)
+
+
+def test_conv_and_norm_ops_dispatch_to_their_references_on_cpu():
+    """impl="auto" on the CPU runs the torch references of the conv, its decoding update and
+    the add + RMSNorm, and says so through last_impl."""
+    x = torch.randn(2, 6, 9, dtype=torch.float64)
+    w, b = torch.randn(6, 1, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    for reverse in (False, True):
+        torch.testing.assert_close(K.causal_conv1d_silu(x, w, b, reverse),
+                                   K.causal_conv1d_silu_reference(x, w, b, reverse))
+        assert last_impl("causal_conv1d") == "torch"
+    state = torch.randn(2, 6, 3, dtype=torch.float64)
+    ref_state = state.clone()
+    full = K.causal_conv1d_silu_reference(torch.cat([state[..., 1:], x], -1), w, b)
+    for t in range(x.shape[-1]):
+        u = K.causal_conv1d_update(x[..., t], state, w, b, impl="reference")
+        ref_state = torch.cat([ref_state[..., 1:], x[..., t:t + 1]], -1)
+        assert torch.equal(state, ref_state)
+        torch.testing.assert_close(u, full[..., 2 + t])
+    assert last_impl("causal_conv1d_update") == "reference"
+    r = torch.randn(2, 9, 6)
+    normed, res = K.add_rms_norm(x.transpose(1, 2).float(), r, b.float(), 1e-5)
+    assert last_impl("add_rms_norm") == "torch"
+    rn, rres = K.add_rms_norm_reference(x.transpose(1, 2).float(), r, b.float(), 1e-5)
+    assert torch.equal(normed, rn) and torch.equal(res, rres)
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        K.add_rms_norm(r, None, b.float(), impl="cuda")
 
 
 # --------------------------------------------------------------------------- decode step
@@ -186,7 +220,8 @@ def test_peer_memory_count_lists_the_peers_tensors():
     memory) equals the tensors its selective_scan_fn allocates with z and variable B/C: out,
     out_z, du, ddelta, dz in u's dtype; float32 chunk states x (b, d, ceil(L/2048), 2N); float32
     dB, dC; dA, dD, ddelta_bias."""
-    from seqlab.kernels.bench import peer_peak_extra_bytes
+    from helpers.benchmarks import load_benchmark
+    peer_peak_extra_bytes = load_benchmark("scan").peer_peak_extra_bytes
 
     b, d, L, N = 2, 8, 4100, 4
     meta = dict(device="meta")

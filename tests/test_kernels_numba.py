@@ -1,4 +1,4 @@
-"""impl="numba" (kernels/scan_numba.py) against the sequential reference run in float64.
+"""impl="numba" (kernels/scan/numba_loops.py) against the sequential reference run in float64.
 
 Same cases and tolerances as the torch path (tests/test_kernels_torch.py): fresh random inputs,
 outputs, last states and the gradient of every input compared by relative error norm. Lengths
@@ -13,8 +13,9 @@ import pytest
 import torch
 from numba import njit  # a dependency of seqlab: a missing numba fails here, not skips
 
-from seqlab.kernels import last_impl, scan_numba, selective_scan
-from seqlab.kernels.scan_numba import CKPT, selective_scan_numba
+from seqlab.kernels import last_impl, selective_scan
+from seqlab.kernels.scan import numba_loops as scan_numba
+from seqlab.kernels.scan.numba_loops import CKPT, selective_scan_numba
 from test_kernels_torch import (BASE, BF16, CASES, F32, F64, NAMES, Case,
                                 check_against_reference, make_inputs, rel_err, run)
 
@@ -80,7 +81,7 @@ def test_matches_torch_path_at_model_shape(rng_seed):
     g_out = torch.randn(c.batch, c.dim, c.L, dtype=F64)
     g_last = torch.randn(c.batch, c.dim, c.N, dtype=F64)
     o1, l1, g1 = run(selective_scan_numba, x, c, g_out, g_last)
-    from seqlab.kernels.scan_torch import selective_scan_torch
+    from seqlab.kernels.scan.chunked import selective_scan_torch
     o2, l2, g2 = run(selective_scan_torch, x, c, g_out, g_last)
     assert rel_err(o1, o2.to(F64)) < 3e-6 and rel_err(l1, l2.to(F64)) < 3e-6
     for k in NAMES:
@@ -123,11 +124,12 @@ def test_cuda_tensors_are_refused():
 
 
 def test_cpu_benchmark_quick_runs(capsys, tmp_path):
-    """`python -m seqlab.kernels.bench --device cpu --quick`: a row per implementation with
+    """`python benchmarks/scan.py --device cpu --quick`: a row per implementation with
     positive timings in the JSON, and the table printed."""
     import json
 
-    from seqlab.kernels.bench import main
+    from helpers.benchmarks import load_benchmark
+    main = load_benchmark("scan").main
     main(["--device", "cpu", "--quick", "--json", str(tmp_path / "cpu.json")])
     res = json.loads((tmp_path / "cpu.json").read_text())
     assert sorted(r["impl"] for r in res["rows"]) == ["numba", "torch"]

@@ -1,4 +1,4 @@
-"""impl="torch" (kernels/scan_torch.py) against the sequential reference run in float64.
+"""impl="torch" (kernels/scan/chunked.py) against the sequential reference run in float64.
 
 Every case draws fresh random inputs, runs the reference in float64 on the same (rounded)
 values, and compares outputs, last states and the gradients of every input (with an upstream
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.kernels import selective_scan
-from seqlab.kernels.reference import selective_scan_reference
-from seqlab.kernels.scan_torch import DEFAULT_CHUNK, DEFAULT_SEG, selective_scan_torch
+from seqlab.kernels.scan.chunked import DEFAULT_CHUNK, DEFAULT_SEG, selective_scan_torch
+from seqlab.kernels.scan.reference import selective_scan_reference
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 # Relative-error-norm bounds per input dtype: inputs and outputs are rounded to the dtype, so

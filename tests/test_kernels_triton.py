@@ -5,15 +5,17 @@ shapes; the GPU tier (larger shapes) runs only where CUDA is available.  Every c
 random inputs, rounds them to the tested dtype, and gives the reference the same rounded values
 upcast to float64, so the tolerance only covers the kernel's float32 arithmetic and the rounding
 of its outputs.  Output buffers are filled with NaN before the kernels run (scan_triton.POISON).
+Launch settings are passed as a ScanTuning (``selective_scan(..., tuning=...)``).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from seqlab.kernels import scan_triton
-from seqlab.kernels.api import selective_scan, selective_state_update
-from seqlab.kernels.reference import selective_scan_reference
+from seqlab.kernels import ScanTuning, selective_scan, selective_state_update
+from seqlab.kernels.scan import triton_kernels as scan_triton
+from seqlab.kernels.scan.reference import selective_scan_reference
+from seqlab.kernels.scan.tuning import CKPT_CHOICES
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # relative L2 error allowed per dtype: float32 arithmetic; bf16/fp16 outputs rounded once
@@ -96,15 +98,15 @@ def assert_layout_like(x, like, name):
         assert x.is_contiguous(), f"{name}: strides {x.stride()}, expected contiguous"
 
 
-def check(case, nseq, dtype, softplus=True, reverse=False, cu=None):
+def check(case, nseq, dtype, softplus=True, reverse=False, cu=None, tuning=None):
     """Triton vs reference: out, last_state and the gradient of every tensor input; out and the
-    gradients of u, delta, z laid out like u, delta, z."""
+    gradients of u, delta, z laid out like u, delta, z. ``tuning``: the Triton launch settings."""
     cut = None if cu is None else torch.tensor(cu, device=DEV)
     names = [k for k in NAMES if case[k] is not None]
     tri = {k: same_strides(case[k]) for k in names}
     ref = {k: case[k].detach().double().requires_grad_(True) for k in names}
     kw = dict(delta_softplus=softplus, return_last_state=True, reverse=reverse, cu_seqlens=cut)
-    out, last = selective_scan(**{**case, **tri}, **kw, impl="triton")
+    out, last = selective_scan(**{**case, **tri}, **kw, impl="triton", tuning=tuning)
     assert out.dtype == case["u"].dtype and out.shape == case["u"].shape
     assert_layout_like(out, case["u"], "out")
     assert last.dtype == torch.float32 and last.shape == (nseq, *case["A"].shape)
@@ -172,14 +174,13 @@ def test_forward_and_backward_segment_independently(ppsm_fwd, ppsm_bwd, cu, monk
     """The backward restarts from position-indexed checkpoints, so its segmentation may differ
     from the forward's (each is chosen for its own kernels); gradients stay exact either way."""
     monkeypatch.setattr(scan_triton, "_n_sm", lambda device: 4)  # same plans on every card
-    monkeypatch.setenv("SEQLAB_SCAN_PPSM_FWD", str(ppsm_fwd))
-    monkeypatch.setenv("SEQLAB_SCAN_PPSM_BWD", str(ppsm_bwd))
+    tuning = ScanTuning(fwd_programs_per_sm=ppsm_fwd, bwd_programs_per_sm=ppsm_bwd)
     L = 300 if cu is None else cu[-1]
     case, nseq = make_case(1, 8, L, 4, torch.float32, cu=cu)
-    plan = scan_triton._Plan(case["u"], case["A"], case["B"],
-                             None if cu is None else torch.tensor(cu))
+    plan = scan_triton.ScanPlan(case["u"], case["A"], case["B"],
+                                None if cu is None else torch.tensor(cu), tuning)
     assert (plan.T, plan.S) != (plan.Tb, plan.Sb) and min(plan.S, plan.Sb) > 1, vars(plan)
-    check(case, nseq, torch.float32, reverse=cu is not None, cu=cu)
+    check(case, nseq, torch.float32, reverse=cu is not None, cu=cu, tuning=tuning)
 
 
 DBC_CASES = [c for c in CASES if c.id in (
@@ -189,54 +190,45 @@ DBC_CASES = [c for c in CASES if c.id in (
 
 @pytest.mark.parametrize("mode", ["atomic", "partials"])
 @pytest.mark.parametrize("spec,opts", DBC_CASES)
-def test_scan_dbc_modes_match_reference(spec, opts, mode, monkeypatch):
+def test_scan_dbc_modes_match_reference(spec, opts, mode):
     """Both ways of summing ∂B/∂C over channel blocks: atomic adds into one float32 buffer per
     group (the default), partials per block summed in a fixed order."""
-    monkeypatch.setenv("SEQLAB_SCAN_DBC", mode)
     spec = dict(spec)
     case, nseq = make_case(**spec)
-    check(case, nseq, spec["dtype"], cu=spec.get("cu"), **opts)
+    check(case, nseq, spec["dtype"], cu=spec.get("cu"), tuning=ScanTuning(dbc=mode), **opts)
 
 
 def test_dbc_mode_selection(monkeypatch):
-    monkeypatch.delenv("SEQLAB_SCAN_DBC", raising=False)
-    assert scan_triton._dbc_mode() == "atomic"
+    assert scan_triton.resolve_dbc(ScanTuning()) == "atomic"
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert scan_triton._dbc_mode() == "partials"  # reproducible sums when asked for
-    monkeypatch.setenv("SEQLAB_SCAN_DBC", "atomic")
-    assert scan_triton._dbc_mode() == "atomic"  # an explicit choice wins
-    monkeypatch.setenv("SEQLAB_SCAN_DBC", "fast")
-    with pytest.raises(ValueError, match="SEQLAB_SCAN_DBC='fast'"):
-        scan_triton._dbc_mode()
+    assert scan_triton.resolve_dbc(ScanTuning()) == "partials"  # reproducible sums when asked for
+    assert scan_triton.resolve_dbc(ScanTuning(dbc="atomic")) == "atomic"  # an explicit choice wins
+    with pytest.raises(ValueError, match="dbc='fast'"):
+        ScanTuning(dbc="fast")
 
 
-@pytest.mark.parametrize("ckpt,ppsm", [(k, 1) for k in scan_triton.CKPT_K_CHOICES] + [(64, 0)])
+@pytest.mark.parametrize("ckpt,ppsm", [(k, 1) for k in CKPT_CHOICES] + [(64, 0)])
 def test_checkpoint_spacing_and_persistent_backward_grid(ckpt, ppsm, monkeypatch):
     """Every checkpoint spacing K gives the reference's gradients, with a persistent grid of
     fewer programs than work items (ppsm 1: 4 programs loop over 16 items, each reusing its one
     scratch slot) and with one program per item (ppsm 0), over segments and packed sequences."""
     monkeypatch.setattr(scan_triton, "_n_sm", lambda device: 4)
-    monkeypatch.setenv("SEQLAB_SCAN_CKPT", str(ckpt))
-    monkeypatch.setenv("SEQLAB_SCAN_BWD_GRID", str(ppsm))
-    monkeypatch.setenv("SEQLAB_SCAN_PPSM_BWD", "8")
+    tuning = ScanTuning(ckpt_every=ckpt, bwd_grid_per_sm=ppsm, bwd_programs_per_sm=8)
     cu = [0, 70, 77, 300]
     case, nseq = make_case(1, 16, 300, 4, torch.float32, cu=cu)
-    plan = scan_triton._Plan(case["u"], case["A"], case["B"], torch.tensor(cu))
+    plan = scan_triton.ScanPlan(case["u"], case["A"], case["B"], torch.tensor(cu), tuning)
     assert plan.K == ckpt and plan.Tb % ckpt == 0 and plan.T % ckpt == 0
     n_work = plan.nseq * plan.Sb * plan.ndb
     assert n_work > 4 * max(ppsm, 1), vars(plan)  # the persistent programs take several items
-    check(case, nseq, torch.float32, reverse=True, cu=cu)
+    check(case, nseq, torch.float32, reverse=True, cu=cu, tuning=tuning)
 
 
-@pytest.mark.parametrize("name,value", [("SEQLAB_SCAN_CKPT", "48"),
-                                        ("SEQLAB_SCAN_BWD_GRID", "many")])
-def test_checkpoint_spacing_default_and_bad_settings(name, value, monkeypatch):
+@pytest.mark.parametrize("name,value", [("ckpt_every", 48), ("bwd_grid_per_sm", "many")])
+def test_checkpoint_spacing_default_and_bad_settings(name, value):
     case, _ = make_case(1, 4, 8, 2, torch.float32)
-    monkeypatch.delenv("SEQLAB_SCAN_CKPT", raising=False)
-    assert scan_triton._Plan(case["u"], case["A"], case["B"], None).K == scan_triton.CKPT_K
-    monkeypatch.setenv(name, value)
+    assert scan_triton.ScanPlan(case["u"], case["A"], case["B"], None).K == ScanTuning().ckpt_every
     with pytest.raises(ValueError, match=f"{name}=.?{value}"):
-        selective_scan(**case, impl="triton")
+        selective_scan(**case, impl="triton", tuning=ScanTuning(**{name: value}))
 
 
 def test_padded_segment_tail_keeps_state():

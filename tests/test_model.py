@@ -394,11 +394,11 @@ def test_triton_conv_path_equals_torch_path(rng_seed, monkeypatch, bidirectional
 
 def test_rmsnorm_function_matches_plain_ops_and_gradcheck():
     """The memory-saving RMSNorm (saves x and 1/rms only) against the composed formula."""
-    from seqlab.model.backbone import RMSNorm, _RMSNormFn
+    from seqlab.model.norm import RMSNorm, RMSNormFn
     torch.manual_seed(0)
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFn.apply(a, b, 1e-5), (x, w))
     norm = RMSNorm(7)
     with torch.no_grad():
         norm.weight.copy_(w.float())

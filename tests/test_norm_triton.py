@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from seqlab.kernels import norm_triton  # noqa: E402
-from seqlab.kernels.norm_triton import add_rms_norm, add_rms_norm_reference  # noqa: E402
+from seqlab.kernels.norm import add_rms_norm, add_rms_norm_reference  # noqa: E402
+from seqlab.kernels.norm import triton_kernels as norm_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # relative L2 error allowed, by the dtype of the tensor compared: float32 arithmetic, and for
@@ -62,7 +62,7 @@ def check(seed, shape, x_dtype, res_in=None, out_dtype=None, residual_dtype=FP32
     tri = [t.detach().clone().requires_grad_(True) for t in leaves]
     tx, tr, tw = tri[0], (tri[1] if r is not None else None), tri[-1]
     normed, res_out = add_rms_norm(tx, tr, tw, eps, out_dtype=out_dtype,
-                                   residual_dtype=residual_dtype)
+                                   residual_dtype=residual_dtype, impl="triton")
     assert normed.shape == x.shape and normed.dtype == (out_dtype or x_dtype)
     assert res_out.shape == x.shape and res_out.dtype == residual_dtype
     g = {"normed": torch.randn(shape).to(DEV, normed.dtype),
@@ -154,12 +154,13 @@ def test_rejects_bad_arguments():
     x = torch.randn(2, 5, 7, device=DEV)
     w = torch.ones(7, device=DEV)
     with pytest.raises(ValueError, match=r"residual has shape \(2, 5, 8\), x has \(2, 5, 7\)"):
-        add_rms_norm(x, torch.randn(2, 5, 8, device=DEV), w)
+        add_rms_norm(x, torch.randn(2, 5, 8, device=DEV), w, impl="triton")
     with pytest.raises(ValueError, match=r"weight has shape \(8,\), expected \(7,\)"):
-        add_rms_norm(x, None, torch.ones(8, device=DEV))
+        add_rms_norm(x, None, torch.ones(8, device=DEV), impl="triton")
     with pytest.raises(ValueError, match="d=8200"):
-        add_rms_norm(torch.randn(1, 8200, device=DEV), None, torch.ones(8200, device=DEV))
+        add_rms_norm(torch.randn(1, 8200, device=DEV), None, torch.ones(8200, device=DEV),
+                     impl="triton")
     with pytest.raises(ValueError, match="x has dtype torch.int32"):
-        add_rms_norm(x.int(), None, w)
+        add_rms_norm(x.int(), None, w, impl="triton")
     with pytest.raises(ValueError, match="residual_dtype"):
-        add_rms_norm(x, None, w, residual_dtype=torch.int64)
+        add_rms_norm(x, None, w, residual_dtype=torch.int64, impl="triton")

@@ -4,7 +4,7 @@ import math
 import matplotlib.figure
 import pytest
 
-from seqlab.plots import plot_training_curves, training_panels
+from seqlab.training.curves import plot_training_curves, training_panels
 
 LN2 = math.log(2)
 

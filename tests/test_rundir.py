@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from seqlab import rundir as R
-from seqlab.checkpoint import verify_checkpoint
 from seqlab.errors import CheckpointError, RunDirError
-from seqlab.rundir import RunDir, read_status
-from seqlab.train import Task, Trainer, TrainerConfig
+from seqlab.training import rundir as R
+from seqlab.training.checkpoint import verify_checkpoint
+from seqlab.training.rundir import RunDir, read_status
+from seqlab.training.trainer import Task, Trainer, TrainerConfig
 
 
 class Toy(Task):
@@ -31,8 +31,8 @@ class Toy(Task):
         return torch.nn.Sequential(torch.nn.Linear(4, self.width), torch.nn.Tanh(),
                                    torch.nn.Linear(self.width, 1)).to(device)
 
-    def model_spec(self):
-        return {"architecture": "toy", "width": self.width}
+    def checkpoint_extra(self):
+        return {"width": self.width}
 
     def train_batch(self, indices, device):
         self.calls += 1
@@ -96,7 +96,7 @@ def test_second_run_on_a_locked_directory_stops_at_once_naming_the_holder(tmp_pa
 
 _HOLD = textwrap.dedent("""
     import sys, time
-    from seqlab.rundir import RunDir
+    from seqlab.training.rundir import RunDir
     run = RunDir(sys.argv[1]).acquire()
     run.begin("a: 1\\n", step=0)
     run.heartbeat(3, force=True)
@@ -264,7 +264,7 @@ def test_every_file_a_run_writes_has_the_same_mode(tmp_path):
 
 
 def test_last_partial_logging_window_is_logged(tmp_path, monkeypatch):
-    import seqlab.train as T
+    import seqlab.training.trainer as T
     clock = iter(range(0, 10_000, 7))  # each call advances the clock by 7 s
     monkeypatch.setattr(T.time, "time", lambda: float(next(clock)))
     summary = _trainer(tmp_path / "run", max_steps=100, log_every=4,

@@ -14,7 +14,7 @@ import torch
 from seqlab.cli import compose
 from seqlab.data.species import SpeciesManifest, SpeciesWindowDataset, species_eval_windows
 from seqlab.errors import DataError
-from seqlab.jobs.species import SpeciesTask
+from seqlab.tasks.species import SpeciesTask
 
 
 def write_fasta(path, records):

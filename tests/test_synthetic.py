@@ -159,10 +159,10 @@ def _job_task(overrides):
     from omegaconf import OmegaConf
 
     from seqlab.cli import compose
-    from seqlab.jobs.synthetic import SyntheticLMTask
+    from seqlab.jobs.synthetic import synthetic_task
     cfg = compose("synthetic_selective_copy", overrides)
     OmegaConf.resolve(cfg)
-    return SyntheticLMTask, cfg
+    return synthetic_task, cfg
 
 
 def test_curriculum_job_batches_follow_the_step():
@@ -195,11 +195,12 @@ def test_curriculum_job_batches_follow_the_step():
 
 
 def test_curriculum_bad_config_is_a_clear_error():
+    from seqlab.errors import ConfigError
     task_cls, cfg = _job_task(["data.curriculum=[[0,32],[100,512]]"])
-    with pytest.raises(SystemExit, match="data.curriculum.*exceeds data.seq_len=256"):
+    with pytest.raises(ConfigError, match="data.curriculum.*exceeds data.seq_len=256"):
         task_cls(cfg)
     task_cls, cfg = _job_task(["data.curriculum=[[0,32],[0,64]]"])
-    with pytest.raises(SystemExit, match="strictly increase"):
+    with pytest.raises(ConfigError, match="strictly increase"):
         task_cls(cfg)
 
 
@@ -248,8 +249,8 @@ def _tiny_lm(selective=True, seed=0):
 def test_chunked_prefill_equals_full_forward(selective):
     """The bounded-memory evaluation (chunks carrying the cache) reads the same logits as one
     full forward, for chunk sizes below, at and above the conv width and the length."""
-    from seqlab.jobs.synthetic import (accuracy, answer_logits_chunked, answer_logits_full,
-                                       evaluate_task)
+    from seqlab.tasks.synthetic import (accuracy, answer_logits_chunked, answer_logits_full,
+                                        evaluate_task)
     model = _tiny_lm(selective)
     dev = torch.device("cpu")
     for gen in (SelectiveCopying(seq_len=20, n_content=5, seed=1), InductionHeads(seq_len=27)):
@@ -268,7 +269,7 @@ def test_recipes_compose():
     from omegaconf import OmegaConf
 
     from seqlab.cli import compose, recipes_dir
-    from seqlab.jobs.common import model_config
+    from seqlab.tasks.common import model_config
     from seqlab.jobs.synthetic import generator_from_config
     sc = compose("synthetic_selective_copy", ["data.seq_len=4096", "data.n_content=16",
                                               "model.selective=false"])

@@ -5,7 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from seqlab.train import RunDir, Task, Trainer, TrainerConfig, lr_at, param_groups
+from seqlab.model import param_groups
+from seqlab.training.rundir import RunDir
+from seqlab.training.trainer import Task, Trainer, TrainerConfig, lr_at
 
 
 class ToyTask(Task):
@@ -21,8 +23,8 @@ class ToyTask(Task):
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         return model.to(device)
 
-    def model_spec(self):
-        return {"architecture": "toy"}
+    def checkpoint_extra(self):
+        return {"toy": "linear regression"}
 
     def train_batch(self, indices, device):
         self.calls += 1
@@ -101,12 +103,12 @@ def test_checkpoint_rotation_and_atomicity(tmp_path, monkeypatch):
     assert kept == ["step_0000009", "step_0000012"]
     assert not list((run / "checkpoints").glob(".*tmp")), "no temporary directories left"
 
-    import seqlab.train as T
+    import seqlab.training.checkpoint as C
 
     def broken_save(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(T, "save_weights", broken_save)
+    monkeypatch.setattr(C, "save_file", broken_save)
     run2 = tmp_path / "r2"
     with pytest.raises(OSError):
         Trainer(_cfg(), run2).fit(ToyTask())

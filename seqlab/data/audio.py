@@ -10,7 +10,7 @@ Mamba paper's SC09 experiments and SaShiMi. An item is
 so position t sees codes < t and predicts code t. T = round(clip_seconds * rate).
 
 Sources are a folder (searched recursively for every format libsndfile reads, see
-seqlab.audio_io.SUPPORTED_SUFFIXES; speaker = parent folder name), a list of files, or a
+seqlab.data.audio_io.SUPPORTED_SUFFIXES; speaker = parent folder name), a list of files, or a
 manifest (.yaml/.yml/.csv; format in datasets/speech/README.md). A folder scan keeps the files
 it can read and reports the audio files it cannot (:func:`scan_audio_folder`).
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import yaml
 
-from seqlab.audio_io import (AUDIO_SUFFIXES, AudioFileError, audio_info, read_audio,
+from seqlab.data.audio_io import (AUDIO_SUFFIXES, AudioFileError, audio_info, read_audio,
                              resample as resample_wave, stream_wave, to_mono, write_wav)
 from seqlab.data.mulaw import LINEAR_ZERO_CODE, ZERO_CODE, linear_encode, mulaw_encode
 from seqlab.errors import ConfigError, DataError, MissingInput
@@ -133,8 +133,8 @@ def scan_audio_folder(folder) -> AudioFolder:
     """Every audio file under ``folder`` (recursive, sorted) that libsndfile can read, and the
     audio files it cannot.
 
-    A file counts as audio when its suffix is in seqlab.audio_io.AUDIO_SUFFIXES. It is kept
-    when its header reads and holds samples (:func:`seqlab.audio_io.audio_info`); otherwise
+    A file counts as audio when its suffix is in seqlab.data.audio_io.AUDIO_SUFFIXES. It is kept
+    when its header reads and holds samples (:func:`seqlab.data.audio_io.audio_info`); otherwise
     it is skipped with the reason (a format libsndfile does not read here, empty, corrupt,
     no samples). Hidden files and folders (macOS ``._x.wav`` forks, ``.git``) and files with
     other suffixes (manifests, notes, images) are passed over without a word.
@@ -159,7 +159,7 @@ def scan_audio_folder(folder) -> AudioFolder:
         what = (f"all {len(skipped)} audio files were skipped, the first: {skipped[0].path}: "
                 f"{skipped[0].reason}" if skipped else
                 "no file has an audio suffix (.wav, .flac, .mp3, ...: "
-                "seqlab.audio_io.SUPPORTED_SUFFIXES)")
+                "seqlab.data.audio_io.SUPPORTED_SUFFIXES)")
         raise DataError(f"{folder}: no usable audio ({what}); point at the folder that holds "
                         "the audio or pass a manifest")
     return AudioFolder(records, skipped)
@@ -386,9 +386,9 @@ def stream_codes(path, rate: int, encoding: str = "mulaw", normalize: bool = Fal
 
     Yields:
         int64 (n_i,) codes; joined they equal the dataset's codes of the file (see
-        seqlab.audio_io.stream_wave for the rounding caveat of non-integer rate ratios).
+        seqlab.data.audio_io.stream_wave for the rounding caveat of non-integer rate ratios).
     Raises:
-        as seqlab.audio_io.read_audio, naming the file.
+        as seqlab.data.audio_io.read_audio, naming the file.
     """
     encode = encoder(encoding)
     peak = None

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from seqlab.data.alphabet import PAD_ID
+from seqlab.utils import length_mask
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Batch:
     @property
     def mask(self) -> torch.Tensor:
         """BoolTensor (B, L): True at real (non-padding) positions."""
-        return torch.arange(self.ids.shape[1], device=self.ids.device)[None, :] < self.lengths[:, None]
+        return length_mask(self.lengths, self.ids.shape[1])
 
     def __len__(self) -> int:
         return self.ids.shape[0]

@@ -1,48 +1,28 @@
-"""Glue shared by the jobs: typed configs from a composed recipe, paths, the run directory."""
+"""Glue shared by the jobs: the trainer of a training job, the run directory of a job that
+does not train, and the summary printed at the end.
+
+Threads: the ``seqlab run`` command sizes torch's pool from ``cpu_threads`` before it calls a
+job (seqlab.cli, seqlab.utils.set_threads); jobs do not set it again. A library caller of
+seqlab.cli.run_job sets it with seqlab.utils.set_threads.
+"""
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError, MissingInput, RunDirError
-from ..model.config import MambaConfig
-from ..rundir import RunDir
-from ..train import Trainer, TrainerConfig
-from ..utils import atomic_write_json, repo_root
+from ..errors import RunDirError
+from ..tasks.common import typed
+from ..training.rundir import RunDir
+from ..training.trainer import Trainer, TrainerConfig
+from ..utils import atomic_write_json
 
 log = logging.getLogger("seqlab")
 
 
-def typed(schema, node, where: str):
-    """Validate a config node against a dataclass (unknown keys and bad types raise)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node or {})
-    except Exception as exc:  # omegaconf raises several error types; name the node for the user
-        raise ConfigError(f"invalid `{where}` config: {exc}") from None
-    return OmegaConf.to_object(merged)
-
-
-def model_config(cfg: DictConfig) -> MambaConfig:
-    return typed(MambaConfig, cfg.get("model"), "model")
-
-
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
     return typed(TrainerConfig, cfg.get("trainer"), "trainer")
-
-
-def resolve_path(p: str | Path, must_exist: bool = True, what: str = "file") -> Path:
-    """A path as given (absolute, or relative to the working directory), else relative to the
-    seqlab source tree (where the bundled datasets/ live)."""
-    path = Path(p).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    alt = repo_root() / path
-    if alt.exists() or not must_exist:
-        return alt if alt.exists() else path
-    raise MissingInput(f"{what} {p} not found (looked in {Path.cwd()} and {repo_root()})")
 
 
 def make_trainer(cfg: DictConfig) -> Trainer:
@@ -52,12 +32,13 @@ def make_trainer(cfg: DictConfig) -> Trainer:
                    config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def fit(cfg: DictConfig, task_factory) -> tuple[dict, Trainer]:
+def fit(cfg: DictConfig, task_factory, trainer: Trainer | None = None) -> tuple[dict, Trainer]:
     """Lock the run directory, build the task (``task_factory(cfg)``), train it.
 
     The lock comes first, so a second run on the same directory stops at once; a task that
-    cannot be built (bad data, say) leaves the directory as it was."""
-    trainer = make_trainer(cfg)
+    cannot be built (bad data, say) leaves the directory as it was. ``trainer``: one made by
+    :func:`make_trainer` and adjusted by the job (default: a new one)."""
+    trainer = trainer or make_trainer(cfg)
     trainer.run.acquire()
     try:
         task = task_factory(cfg)
@@ -68,6 +49,7 @@ def fit(cfg: DictConfig, task_factory) -> tuple[dict, Trainer]:
 
 
 def print_summary(title: str, summary: dict, run: RunDir) -> None:
+    """The summary's numbers and strings under a title."""
     lines = [f"== {title} ==", f"run directory: {run.path}"]
     for k, v in summary.items():
         if isinstance(v, float):

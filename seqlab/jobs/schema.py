@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
 from ..model.config import MambaConfig
-from ..train import TrainerConfig
+from ..training.trainer import TrainerConfig
 
 MISSING = "???"
 
@@ -251,7 +251,7 @@ JOB_SCHEMAS: dict[str, type] = {
 
 # What to tell a user who left a mandatory key unset.
 _MANDATORY_HINTS = {
-    "checkpoint": "a run directory, its checkpoints/ folder or a step_* folder",
+    "checkpoint": "a run directory, its checkpoints/ folder, a step_* or a checkpoint folder",
     "embeddings": "an .npz file written by `seqlab run embed`",
 }
 

@@ -8,6 +8,8 @@ bidirectional), ``backbone.norm_f.weight``, ``lm_head.weight``. With
 ``mixer.submodule.*``) and work on d_model / 2 channels per strand.
 
 A cache for step-by-step decoding is a list with one (conv_state, ssm_state) per layer.
+The blocks are :class:`~seqlab.model.block.Block`; which decoding step ``MambaLM.step`` takes is
+:mod:`seqlab.model.decode`'s choice (``config.decode_step``).
 
 With ``config.pool_factors`` the backbone is multi-scale (SaShiMi-style, see
 :mod:`seqlab.model.multiscale`): ``backbone.down.{i}.layers.{j}``, ``backbone.pools.{i}.down`` /
@@ -16,153 +18,19 @@ With ``config.pool_factors`` the backbone is multi-scale (SaShiMi-style, see
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 
-from .bidirectional import BiMixer
+from . import decode, multiscale
+from .block import Block
 from .config import MambaConfig
 from .mixer import Mixer
+from .norm import fused_add_norm, make_norm
 from .rc import RCEmbedding, RCLMHead, RCWrapper
 
 Tensor = torch.Tensor
-
-
-class _RMSNormFn(torch.autograd.Function):
-    """RMSNorm that saves only its input and the (..., 1) reciprocal RMS for the backward.
-
-    Composed of plain ops, autograd would keep two float32 copies of the activations per norm
-    (the input cast and the normalised product); at the 130m size that is 50 MB per layer.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        ct = torch.promote_types(x.dtype, torch.float32)  # at least float32
-        xf = x.to(ct)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.to(ct)).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, rstd = ctx.saved_tensors
-        ct = rstd.dtype
-        xhat = x.to(ct) * rstd
-        gf = g.to(ct)
-        gw = gf * weight.to(ct)
-        dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
-        dw = (gf * xhat).reshape(-1, xhat.shape[-1]).sum(0)
-        return dx.to(x.dtype), dw.to(weight.dtype), None
-
-
-class RMSNorm(nn.Module):
-    """x (..., d) -> x / rms(x) * weight, computed in float32 and returned in x's dtype."""
-
-    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _RMSNormFn.apply(x, self.weight, self.eps)
-
-
-def fused_add_norm(norm: nn.Module, config: MambaConfig, hidden: Tensor, residual: Tensor | None,
-                   out_dtype: torch.dtype, residual_dtype: torch.dtype):
-    """(normed, residual_out) through the Triton add + RMSNorm kernel, or None where it does
-    not apply (LayerNorm, RC-wrapped norms, float64, a non-Triton scan_impl, d > 8192)."""
-    from seqlab.kernels import api as kernel_api
-    if not (config.fused_add_norm and isinstance(norm, RMSNorm)
-            and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and (residual is None or residual.dtype in (torch.float32, torch.float16, torch.bfloat16))
-            and residual_dtype != torch.float64 and hidden.shape[-1] <= 8192
-            and kernel_api.resolve_impl(config.scan_impl, hidden.device, op="add_rms_norm") == "triton"):
-        return None
-    from seqlab.kernels.norm_triton import add_rms_norm
-    return add_rms_norm(hidden, residual, norm.weight, norm.eps, out_dtype=out_dtype,
-                        residual_dtype=residual_dtype)
-
-
-def _block_dtypes(hidden: Tensor, residual: Tensor | None, fp32_residual: bool,
-                  norm_dtype: torch.dtype):
-    """(normed dtype, residual dtype) of the unfused path: the residual in float32 by option
-    (else the promoted dtype of the sum); the normed activations in the autocast dtype when
-    autocast is on (what the next matmul would cast them to), else the norm's dtype. (The
-    unfused path rounds the residual to the norm's dtype before normalising; the kernel
-    normalises the residual as stored.)"""
-    res = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
-    if fp32_residual:
-        res = torch.float32
-    dev = hidden.device.type
-    out = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else norm_dtype
-    return out, res
-
-
-def make_norm(config: MambaConfig, d: int, device=None, dtype=None) -> nn.Module:
-    if config.norm == "rms":
-        return RMSNorm(d, config.norm_eps, device=device, dtype=dtype)
-    return nn.LayerNorm(d, eps=config.norm_eps, device=device, dtype=dtype)
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: residual = residual + hidden; hidden = mixer(norm(residual)).
-
-    Carrying (hidden, residual) separately, as mamba_ssm does, lets the residual stream stay
-    in float32 (``config.residual_in_fp32``) while the mixer runs in a lower precision.
-    """
-
-    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
-        super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.config = config
-        mixer_cls = BiMixer if config.bidirectional else Mixer
-        if config.rc_equivariant:
-            half = dataclasses.replace(config, d_model=config.d_model // 2)
-            self.norm = RCWrapper(make_norm(config, half.d_model, device, dtype))
-            self.mixer = RCWrapper(mixer_cls(half, layer_idx, device=device, dtype=dtype))
-        else:
-            self.norm = make_norm(config, config.d_model, device, dtype)
-            self.mixer = mixer_cls(config, layer_idx, device=device, dtype=dtype)
-
-    def forward(self, hidden: Tensor, residual: Tensor | None = None, cache=None,
-                lengths: Tensor | None = None, cu_seqlens: Tensor | None = None):
-        """hidden, residual (batch, L, d_model) -> (mixer output, new residual)."""
-        hidden, residual = self._add_norm(hidden, residual)
-        kw = {}
-        if lengths is not None:
-            kw["lengths"] = lengths
-        if cu_seqlens is not None:
-            kw["cu_seqlens"] = cu_seqlens
-        if cache is not None:
-            kw["cache"] = cache
-        return self.mixer(hidden, **kw), residual
-
-    def _norm_dtype(self) -> torch.dtype:
-        return next(self.norm.parameters()).dtype
-
-    def _add_norm(self, hidden: Tensor, residual: Tensor | None):
-        """(normed, new residual): one Triton kernel where it applies, else the add, the cast
-        and the norm module."""
-        fused = fused_add_norm(self.norm, self.config, hidden, residual,
-                               *_block_dtypes(hidden, residual, self.residual_in_fp32,
-                                              self._norm_dtype()))
-        if fused is not None:
-            return fused
-        residual = hidden if residual is None else residual + hidden
-        hidden = self.norm(residual.to(self._norm_dtype()))
-        if self.residual_in_fp32:
-            residual = residual.float()
-        return hidden, residual
-
-    def step(self, hidden: Tensor, residual: Tensor | None, cache):
-        """One token: hidden, residual (batch, d_model) -> (mixer output, new residual)."""
-        if not isinstance(self.mixer, Mixer):
-            raise ValueError("Block.step: only causal, non-RC models decode step by step "
-                             "(config.bidirectional and config.rc_equivariant must be False)")
-        hidden, residual = self._add_norm(hidden, residual)
-        return self.mixer.step(hidden, cache), residual
 
 
 class Backbone(nn.Module):
@@ -180,7 +48,6 @@ class Backbone(nn.Module):
         else:
             self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
         if self.multiscale:
-            from . import multiscale
             n_blocks = multiscale.build(self, config, device, dtype)
         else:
             self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layer))
@@ -197,7 +64,6 @@ class Backbone(nn.Module):
         (batch 1); cache from :meth:`allocate_cache` for a causal prefill (multi-scale: any L;
         ``lengths`` is not needed there, the prefill steps token by token)."""
         if self.multiscale:
-            from . import multiscale
             return multiscale.forward(self, ids, lengths=lengths, cu_seqlens=cu_seqlens, cache=cache)
         hidden = self.embedding(ids)
         residual = None
@@ -222,7 +88,6 @@ class Backbone(nn.Module):
         """One (conv_state, ssm_state) per layer (see :meth:`Mixer.allocate_cache`); a
         :class:`~seqlab.model.multiscale.MultiScaleCache` for a multi-scale backbone."""
         if self.multiscale:
-            from . import multiscale
             return multiscale.allocate_cache(self, batch, dtype, device)
         caches = []
         for layer in self.layers:
@@ -235,7 +100,6 @@ class Backbone(nn.Module):
     def step(self, ids_t: Tensor, cache: list) -> Tensor:
         """ids_t (batch,) long -> hidden (batch, d_model); advances every layer's cache."""
         if self.multiscale:
-            from . import multiscale
             return multiscale.step(self, ids_t, cache)
         hidden = self.embedding(ids_t)
         residual = None
@@ -276,29 +140,25 @@ class MambaLM(nn.Module):
     def allocate_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> list:
         return self.backbone.allocate_cache(batch, dtype, device)
 
-    def step(self, ids_t: Tensor, cache: list) -> Tensor:
+    def step(self, ids_t: Tensor, cache: list, for_graph: bool = False) -> Tensor:
         """ids_t (batch,) -> logits (batch, padded_vocab_size) for the next token.
 
-        Uses a fused Triton step where it applies (see
-        :func:`seqlab.model.decode.fused_step_reason` and :func:`~seqlab.model.decode.step_path`):
-        the whole step in one persistent launch or two kernels per layer (float32 logits);
-        else the per-op path. ``seqlab.kernels.last_impl("lm_step")`` says which ran
-        ("persistent_triton" / "fused_triton" / "per_op").
+        Takes the step ``config.decode_step`` asks for ("auto": a fused Triton step where it
+        applies and is faster, see :func:`seqlab.model.decode.step_path`): the whole step in
+        one persistent launch or two kernels per layer (float32 logits), else the per-op path.
+        ``for_graph``: the call is made for a CUDA-graph capture or its warm-up (generate()
+        passes it), so "auto" picks the step that is fastest when replayed.
+        ``seqlab.kernels.last_impl("lm_step")`` says which ran ("persistent_triton" /
+        "fused_triton" / "per_op").
         """
-        from seqlab.kernels import api as kernel_api
+        return decode.lm_step(self, ids_t, cache, for_graph)
 
-        from .decode import fused_lm_step, persistent_step, step_path
-        path = step_path(self, ids_t)
-        if path == "persistent":
-            kernel_api.record_impl("lm_step", "persistent_triton", ids_t.device)
-            with torch.no_grad():
-                # A copy: the step's logits buffer is reused by the next call.
-                return persistent_step(self, cache, ids_t.shape[0])(ids_t).clone()
-        if path == "fused":
-            kernel_api.record_impl("lm_step", "fused_triton", ids_t.device)
-            return fused_lm_step(self, ids_t, cache)
-        kernel_api.record_impl("lm_step", "per_op", ids_t.device)
-        return self.step_per_op(ids_t, cache)
+    def step_and_pick(self, ids_t: Tensor, cache: list, noise: Tensor | None, inv_temp: float,
+                      out: Tensor, col: int, vocab: int, for_graph: bool = False) -> bool:
+        """The step and the pick of the next id in one launch where the persistent step runs
+        (see :func:`seqlab.model.decode.step_and_pick`); False, having done nothing, elsewhere."""
+        return decode.step_and_pick(self, ids_t, cache, noise, inv_temp, out, col, vocab,
+                                    for_graph)
 
     def step_per_op(self, ids_t: Tensor, cache: list) -> Tensor:
         """The reference step: one module call per operation (any configuration, any device)."""

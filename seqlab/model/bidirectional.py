@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import MambaConfig
+from .fused_mixer import fused_mixer, fused_mixer_applies
 from .mixer import Mixer
 
 Tensor = torch.Tensor
@@ -45,7 +46,6 @@ class BiMixer(nn.Module):
         if cache is not None:
             raise ValueError("BiMixer: a bidirectional layer has no step-by-step inference; "
                              "the reverse direction needs the whole sequence")
-        from .fused_mixer import fused_mixer, fused_mixer_applies
         if fused_mixer_applies(self.mamba_fwd, x, cache, cu_seqlens):
             # Each direction recomputes its in_proj in its own backward; with tied projections
             # that is one extra (cheap) GEMM per direction instead of keeping xz alive.

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+DECODE_STEPS = ("auto", "fused", "persistent", "per_op")
+
 
 @dataclass
 class MambaConfig:
@@ -58,8 +60,13 @@ class MambaConfig:
     # (seqlab.model.fused_mixer). Applies where the scan resolves to Triton.
     fused_mixer: bool = True
     # The residual add and RMSNorm of each block (and the final norm) as one Triton kernel
-    # (seqlab.kernels.norm_triton), where the scan resolves to Triton.
+    # (seqlab.kernels.norm), where the scan resolves to Triton.
     fused_add_norm: bool = True
+    # Decoding (MambaLM.step, generate()): "auto" picks the fastest step that applies (measured
+    # rules in seqlab.model.decode); "fused" (two Triton kernels per layer), "persistent" (the
+    # whole step in one Triton launch) or "per_op" (one module call per operation) force one;
+    # a forced Triton step that cannot run raises. Results agree to float32 rounding.
+    decode_step: str = "auto"
 
     # Multi-scale audio variant (SaShiMi-style pooling stages, seqlab.model.multiscale); empty =
     # flat stack. With [p1, ..., pk]: n_layer blocks per stage, a down stage per level, a center
@@ -69,6 +76,9 @@ class MambaConfig:
     pool_expand: int = 2  # width multiplier per pooling level
 
     def __post_init__(self):
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(f"MambaConfig.decode_step={self.decode_step!r}: needs one of "
+                             f"{', '.join(DECODE_STEPS)}")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"MambaConfig.norm={self.norm!r}: needs 'rms' or 'layer'")
         if self.bidirectional_strategy not in ("add", "mul"):

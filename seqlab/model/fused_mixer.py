@@ -6,21 +6,27 @@ the scan output y (E) and the scan's checkpoints: at the 130m size (b 8, L 2048,
 300 MB per layer. :class:`FusedMixerFn` keeps only the mixer's input (d_model per token), the
 small x_proj output (R + 2N) and y, with the scan's checkpoints; in the backward it recomputes
 xz = in_proj(x), u = silu(conv(x_in)) and Δ = dt_proj(dt) (one GEMM, the Triton conv and a
-thin GEMM: a few per cent of a layer's time) and runs the Triton kernels' backward directly.
+thin GEMM: a few per cent of a layer's time) and runs the Triton kernels' backward directly,
+through their autograd-free public pieces (:func:`seqlab.kernels.scan.scan_triton_forward` /
+``scan_triton_backward`` and :func:`seqlab.kernels.conv.conv_triton_forward` /
+``conv_triton_backward``).
 
 Numerics equal the module path under autocast: the matrix products take the autocast dtype
 (or the weights' dtype without autocast), the scan and conv kernels are the same, the
 gradients of the weights come back in the parameters' dtypes. Used by :class:`Mixer` when
 ``config.fused_mixer`` is on and the input is not packed and has no cache (right padding by
 ``lengths`` is masked as in the module path), the model is selective, the conv is at most 4
-wide and the scan resolves to Triton (the default on CUDA); ``seqlab.kernels.last_impl("mixer")`` reports "fused" or "modules".
+wide and the scan resolves to Triton (the default on CUDA); ``seqlab.kernels.last_impl("mixer")``
+reports "fused" or "modules". The mixer is passed in and read for its parameters and sizes
+(duck-typed: this module does not import :mod:`seqlab.model.mixer`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from seqlab.kernels import api as kernel_api
+from seqlab.kernels import record_impl, resolve_impl
+from seqlab.utils import autocast, length_mask
 
 Tensor = torch.Tensor
 
@@ -32,8 +38,8 @@ def fused_mixer_applies(mixer, x: Tensor, cache, cu_seqlens) -> bool:
     ok = (getattr(cfg, "fused_mixer", False) and mixer.selective and cache is None
           and cu_seqlens is None and mixer.d_conv <= 4
           and torch.is_grad_enabled()
-          and kernel_api.resolve_impl(cfg.scan_impl, x.device, op="mixer") == "triton")
-    kernel_api.record_impl("mixer", "fused" if ok else "modules", x.device)
+          and resolve_impl(cfg.scan_impl, x.device, op="mixer") == "triton")
+    record_impl("mixer", "fused" if ok else "modules", x.device)
     return ok
 
 
@@ -54,40 +60,35 @@ class FusedMixerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, reverse, dims, lengths, w_in, b_in, w_conv, b_conv, w_x, w_dt, b_dt,
                 A_log, D, w_out, b_out):
-        from seqlab.kernels import conv_triton, scan_triton
+        from seqlab.kernels.scan import ScanPlan, scan_triton_forward
         E, R, N = dims
         cdt = _compute_dtype(x, w_in)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast(x.device):
             xc = x.to(cdt)
             mask = None
             if lengths is not None:  # (batch, 1, L): 1 on real positions, 0 on right padding
-                from .mixer import length_mask
                 mask = length_mask(lengths, x.shape[1])[:, None, :].to(cdt)
             inner = _Inner(xc, E, R, N, reverse, cdt, w_in, b_in, w_conv, b_conv, w_x, w_dt,
-                           conv_triton, want_xdbl=None, mask=mask)
-            A = -torch.exp(A_log.float())
-            plan = scan_triton._Plan(inner.u, A, inner.Bm, None)
-            A2 = (A * scan_triton.LOG2E).contiguous()
-            Df = D.float().contiguous()
-            bias = b_dt.float().contiguous()
-            y, _, ckpt = scan_triton._forward(plan, inner.u, inner.delta, A2, inner.Bm,
-                                              inner.Cm, Df, inner.z, bias, True, None,
-                                              reverse, None)
+                           want_xdbl=None, mask=mask)
+            A = -torch.exp(A_log.float())  # (E, N)
+            plan = ScanPlan(inner.u, A, inner.Bm)
+            y, _, ckpt = scan_triton_forward(plan, inner.u, inner.delta, A, inner.Bm, inner.Cm,
+                                             D, inner.z, b_dt, True, reverse=reverse)
             out = F.linear(y.transpose(1, 2), w_out.to(cdt), _cast(b_out, cdt))
-        ctx.save_for_backward(xc, inner.x_dbl, y, ckpt, A2, Df, bias, w_in, b_in, w_conv,
-                              b_conv, w_x, w_dt, b_dt, A_log, w_out, b_out, mask)
+        ctx.save_for_backward(xc, inner.x_dbl, y, ckpt, w_in, b_in, w_conv, b_conv, w_x, w_dt,
+                              b_dt, A_log, D, w_out, b_out, mask)
         ctx.plan, ctx.reverse, ctx.dims, ctx.cdt, ctx.x_dtype = plan, reverse, dims, cdt, x.dtype
-        ctx.D_dtype = D.dtype
         return out.to(cdt)
 
     @staticmethod
     def backward(ctx, g):
-        from seqlab.kernels import conv_triton, scan_triton
-        (xc, x_dbl, y, ckpt, A2, Df, bias, w_in, b_in, w_conv, b_conv, w_x, w_dt, b_dt, A_log,
+        from seqlab.kernels.conv import conv_triton_backward
+        from seqlab.kernels.scan import scan_triton_backward
+        (xc, x_dbl, y, ckpt, w_in, b_in, w_conv, b_conv, w_x, w_dt, b_dt, A_log, D,
          w_out, b_out, mask) = ctx.saved_tensors
         E, R, N = ctx.dims
         cdt = ctx.cdt
-        with torch.autocast(g.device.type, enabled=False):
+        with autocast(g.device):
             g = g.to(cdt)
             g2 = g.reshape(-1, g.shape[-1])
             yt = y.transpose(1, 2)  # (batch, L, E), contiguous
@@ -97,16 +98,16 @@ class FusedMixerFn(torch.autograd.Function):
             d_b_out = g2.float().sum(0).to(b_out.dtype) if b_out is not None else None
             # Recompute everything before the scan from the saved input.
             inner = _Inner(xc, E, R, N, ctx.reverse, cdt, w_in, b_in, w_conv, b_conv, w_x,
-                           w_dt, conv_triton, want_xdbl=x_dbl, mask=mask)
+                           w_dt, want_xdbl=x_dbl, mask=mask)
             # ∂x_in and ∂z are written straight into the halves of one (batch, L, 2E) buffer:
             # in_proj's backward reads it without a concatenation.
             bsz, L = xc.shape[0], xc.shape[1]
             dxz = torch.empty(bsz, L, 2 * E, dtype=cdt, device=xc.device)
-            du, ddelta, dA, dB, dC, dD, _, dbias, _ = scan_triton._backward(
-                ctx.plan, dy.transpose(1, 2), None, inner.u, inner.delta, A2, inner.Bm,
-                inner.Cm, Df, inner.z, bias, True, None, ckpt, ctx.reverse, None,
+            A = -torch.exp(A_log.float())  # (E, N), as in the forward
+            du, ddelta, dA, dB, dC, dD, _, dbias, _ = scan_triton_backward(
+                ctx.plan, ckpt, dy.transpose(1, 2), None, inner.u, inner.delta, A, inner.Bm,
+                inner.Cm, D, inner.z, b_dt, True, reverse=ctx.reverse,
                 dz_out=dxz[..., E:].transpose(1, 2))
-            A = A2 / scan_triton.LOG2E
             d_A_log = (dA * A).to(A_log.dtype)  # A = -exp(A_log)
             dd = ddelta.transpose(1, 2)  # (batch, L, E)
             dt = x_dbl[..., :R]
@@ -123,9 +124,8 @@ class FusedMixerFn(torch.autograd.Function):
             d_w_x = (d_xdbl.reshape(-1, R + 2 * N).t() @ ut.reshape(-1, E)).to(w_x.dtype)
             wc = w_conv.reshape(E, -1).to(cdt)
             bc = _cast(b_conv, cdt)
-            _, d_wc, d_bc = conv_triton._backward(du_t.transpose(1, 2), inner.x_in, wc, bc,
-                                                  ctx.reverse,
-                                                  dx_out=dxz[..., :E].transpose(1, 2))
+            _, d_wc, d_bc = conv_triton_backward(du_t.transpose(1, 2), inner.x_in, wc, bc,
+                                                 ctx.reverse, dx_out=dxz[..., :E].transpose(1, 2))
             if mask is not None:
                 dxz[..., :E].mul_(mask.transpose(1, 2))  # the conv read x_in * mask
             dxz2 = dxz.view(-1, 2 * E)
@@ -135,15 +135,16 @@ class FusedMixerFn(torch.autograd.Function):
         return (dx.to(ctx.x_dtype), None, None, None, d_w_in, d_b_in,
                 d_wc.reshape(w_conv.shape).to(w_conv.dtype),
                 None if d_bc is None else d_bc.to(b_conv.dtype), d_w_x, d_w_dt,
-                dbias.to(b_dt.dtype), d_A_log, dD.to(ctx.D_dtype), d_w_out, d_b_out)
+                dbias.to(b_dt.dtype), d_A_log, dD.to(D.dtype), d_w_out, d_b_out)
 
 
 class _Inner:
     """The activations between in_proj and the scan, computed (forward) or recomputed
-    (backward) from the mixer's input xc (batch, L, d_model) in the compute dtype."""
+    (backward) from the mixer's input xc (batch, L, d_model) in the compute dtype: x_in, z, u,
+    delta (batch, E, L) channels-last views; x_dbl (batch, L, R + 2N); Bm, Cm (batch, N, L)."""
 
     def __init__(self, xc, E, R, N, reverse, cdt, w_in, b_in, w_conv, b_conv, w_x, w_dt,
-                 conv_triton, want_xdbl, mask=None):
+                 want_xdbl, mask=None):
         xz = F.linear(xc, w_in.to(cdt), _cast(b_in, cdt))  # (batch, L, 2E)
         self.x_in = xz[..., :E].transpose(1, 2)  # (batch, E, L) channels-last views
         self.z = xz[..., E:].transpose(1, 2)
@@ -151,8 +152,9 @@ class _Inner:
             # as Mixer.mix: zero padded inputs of the conv and of the scan, so nothing leaks
             # into real positions in either direction (the products stay channels-last)
             self.x_in = self.x_in * mask
+        from seqlab.kernels.conv import conv_triton_forward
         wc = w_conv.reshape(E, -1).to(cdt)
-        self.u = conv_triton._forward(self.x_in, wc, _cast(b_conv, cdt), reverse)
+        self.u = conv_triton_forward(self.x_in, wc, _cast(b_conv, cdt), reverse)
         if mask is not None:
             self.u = self.u * mask
         if want_xdbl is None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from seqlab.utils import length_mask
+
 from .backbone import Backbone, make_lm_head
 from .config import MambaConfig
-from .mixer import length_mask
 from .rc import conjoin_rc
 
 Tensor = torch.Tensor

@@ -28,10 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqlab.kernels import api as kernel_api
-from seqlab.kernels import resolve_impl, selective_scan, selective_state_update
+from seqlab.kernels import (causal_conv1d_silu, causal_conv1d_update, record_impl, resolve_impl,
+                            selective_scan, selective_state_update)
+from seqlab.utils import autocast, length_mask
 
 from .config import MambaConfig
+from .fused_mixer import fused_mixer, fused_mixer_applies
 
 Tensor = torch.Tensor
 
@@ -58,11 +60,6 @@ def positions_in_segments(cu_seqlens: Tensor, length: int) -> tuple[Tensor, Tens
     from_start = t - cs[:-1][seg_id]
     to_end = cs[1:][seg_id] - 1 - t
     return from_start, to_end
-
-
-def length_mask(lengths: Tensor, length: int) -> Tensor:
-    """(batch, length) bool, True on real (non-padding) positions of right-padded sequences."""
-    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def fft_size(n: int) -> int:
@@ -198,7 +195,7 @@ class Mixer(nn.Module):
 
         With Δ, B, C input-independent the scan is a linear time-invariant system per channel d:
         Ā = exp(Δ_d A_d), h_t = Ā h_{t-1} + Δ_d B_d u_t, y_t = <C_d, h_t> + D_d u_t (the
-        discretisation of seqlab.kernels.reference), so y = K_d * u + D_d u with the causal
+        discretisation of seqlab.kernels.scan.reference), so y = K_d * u + D_d u with the causal
         kernel K_d[k] = Σ_n C_dn B_dn Δ_d exp(Δ_d A_dn k), k = 0..L-1 (anti-causal with
         ``reverse``), then gated by silu(z). One FFT convolution replaces a scan with one B/C
         group per channel, which the CPU scans run slowly: a training step of the synthetic
@@ -215,7 +212,7 @@ class Mixer(nn.Module):
         cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
         L = u.shape[-1]
         # Autocast off: the kernel's matmul and the FFTs must not drop to bf16/fp16.
-        with torch.autocast(u.device.type, enabled=False):
+        with autocast(u.device):
             dt = F.softplus(self.dt_bias.to(cdt))  # Δ (E,): softplus(0 + bias)
             A = -torch.exp(self.A_log.to(cdt))  # (E, N)
             Bm = self.B_lti.to(u.dtype).to(cdt)
@@ -250,7 +247,6 @@ class Mixer(nn.Module):
             cu_seqlens: (nseq + 1,) boundaries of sequences packed along L (batch 1).
             reverse: scan and convolve from the end (the backward half of a BiMixer).
         """
-        from .fused_mixer import fused_mixer, fused_mixer_applies
         if fused_mixer_applies(self, x, cache, cu_seqlens):
             return fused_mixer(self, x, reverse, lengths)
         return self.mix(self.in_proj(x), cache, lengths, cu_seqlens, reverse, self.out_proj)
@@ -286,8 +282,8 @@ class Mixer(nn.Module):
         # (batch, L, E) tensor.
         if (prefix is None and cu_seqlens is None and self.d_conv <= 4
                 and resolve_impl(self.config.scan_impl, x_in.device, "causal_conv1d") == "triton"):
-            from seqlab.kernels.conv_triton import causal_conv1d_silu
-            u = causal_conv1d_silu(x_in, self.conv1d.weight, self.conv1d.bias, reverse)
+            u = causal_conv1d_silu(x_in, self.conv1d.weight, self.conv1d.bias, reverse,
+                                   impl="triton")
         else:
             u = F.silu(self._conv(x_in, reverse, cu_seqlens, prefix))
         if mask is not None:
@@ -301,7 +297,7 @@ class Mixer(nn.Module):
         use_fft = (not self.selective and self._lti_fft and cache is None
                    and cu_seqlens is None)
         if not self.selective:
-            kernel_api.record_impl("lti_ssm", "fft" if use_fft else "scan", u.device)
+            record_impl("lti_ssm", "fft" if use_fft else "scan", u.device)
         if use_fft:
             y = self._lti_conv(u, z, reverse)
         else:
@@ -349,17 +345,10 @@ class Mixer(nn.Module):
         conv_state, ssm_state = cache
         xz = self.in_proj(x_t)  # (batch, 2E)
         x_in, z = xz.chunk(2, dim=-1)
-        if resolve_impl(self.config.scan_impl, x_t.device, "causal_conv1d") == "triton":
-            from seqlab.kernels.conv_triton import causal_conv1d_update
-            # shift + write + conv + bias + SiLU in one launch (float32 inside)
-            u = causal_conv1d_update(x_in, conv_state, self.conv1d.weight, self.conv1d.bias)
-        else:
-            conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-            conv_state[:, :, -1] = x_in.to(conv_state.dtype)
-            u = (conv_state.to(x_in.dtype) * self.conv1d.weight[:, 0, :]).sum(-1)  # (batch, E)
-            if self.conv1d.bias is not None:
-                u = u + self.conv1d.bias
-            u = F.silu(u)
+        # shift + write + conv + bias + SiLU: one launch on Triton (float32 inside), in-place
+        # torch ops otherwise
+        u = causal_conv1d_update(x_in, conv_state, self.conv1d.weight, self.conv1d.bias,
+                                 impl=self.config.scan_impl)  # (batch, E)
         A, D, dt_bias = self._step_constants()
         if self.selective:
             dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .block import Block
 from .config import MambaConfig
 
 Tensor = torch.Tensor
@@ -63,7 +64,6 @@ class Stage(nn.Module):
 
     def __init__(self, config: MambaConfig, n: int, first_idx: int, device=None, dtype=None):
         super().__init__()
-        from .backbone import Block
         self.layers = nn.ModuleList(Block(config, first_idx + j, device, dtype) for j in range(n))
 
     def forward(self, x: Tensor) -> Tensor:

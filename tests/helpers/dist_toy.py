@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from seqlab.train import Task, Trainer, TrainerConfig
+from seqlab.training.trainer import Task, Trainer, TrainerConfig
 
 
 class Toy(Task):
@@ -18,9 +18,6 @@ class Toy(Task):
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(),
                                    torch.nn.Linear(16, 1)).to(device)
-
-    def model_spec(self):
-        return {"architecture": "toy"}
 
     def train_batch(self, indices, device):
         if self.crash_at_step is not None and indices[0] >= self.crash_at_step * 8:
