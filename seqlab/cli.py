@@ -33,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import ConfigError, SeqlabError  # noqa: E402
-from .utils import repo_root  # noqa: E402
+from . import settings  # noqa: E402
 
 log = logging.getLogger("seqlab")
 
@@ -50,11 +50,10 @@ JOBS = {
 
 
 def recipes_dir() -> Path:
-    env = os.environ.get("SEQLAB_RECIPES")
-    path = Path(env) if env else repo_root() / "recipes"
+    path = settings.recipes_dir()
     if not path.is_dir():
         raise ConfigError(f"recipe folder {path} not found; set SEQLAB_RECIPES to a folder of "
-                          "recipes")
+                          "recipes, or reinstall seqlab (its recipes ship with the package)")
     return path
 
 

@@ -119,14 +119,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def repo_root() -> Path:
-    """The source checkout holding recipes/ and datasets/ (seqlab is installed editable)."""
-    env = os.environ.get("SEQLAB_HOME")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -38,6 +38,7 @@ import yaml
 
 from seqlab.data.audio_io import (AUDIO_SUFFIXES, AudioFileError, audio_info, read_audio,
                              resample as resample_wave, stream_wave, to_mono, write_wav)
+from seqlab.settings import datasets_dir
 from seqlab.data.mulaw import LINEAR_ZERO_CODE, ZERO_CODE, linear_encode, mulaw_encode
 from seqlab.errors import ConfigError, DataError, MissingInput
 from seqlab.utils import atomic_write_text
@@ -71,7 +72,7 @@ __all__ = [
 SPLITS = ("train", "valid", "test")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # datasets/ sits beside the seqlab package in the repository (editable install).
-BUNDLED_SPEECH_MANIFEST = Path(__file__).resolve().parents[2] / "datasets" / "speech" / "manifest.yaml"
+BUNDLED_SPEECH_MANIFEST = datasets_dir() / "speech" / "manifest.yaml"
 ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds")
 # Seven English accents x four voice variants: 28 synthetic "speakers" for a speaker-level split.
 DEFAULT_ESPEAK_VOICES = tuple(

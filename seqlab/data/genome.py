@@ -60,8 +60,8 @@ class _BlockHoldingOffset(pyfaidx.BgzfBlock):
 
 def default_cache_dir() -> Path:
     """Where indexes of FASTA files in read-only folders are built."""
-    root = os.environ.get("SEQLAB_CACHE")
-    return Path(root) / "fai" if root else Path.home() / ".cache" / "seqlab" / "fai"
+    from seqlab.settings import cache_dir
+    return cache_dir() / "fai"
 
 
 def reverse_complement(seq: str) -> str:

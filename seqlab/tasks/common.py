@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.species import SpeciesManifest
 from ..errors import ConfigError, MissingInput
 from ..model.config import MambaConfig
-from ..utils import repo_root
+from ..settings import resource_root
 
 
 def typed(schema, node, where: str):
@@ -27,14 +27,20 @@ def model_config(cfg: DictConfig) -> MambaConfig:
 
 def resolve_path(p: str | Path, must_exist: bool = True, what: str = "file") -> Path:
     """A path as given (absolute, or relative to the working directory), else relative to the
-    seqlab source tree (where the bundled datasets/ live)."""
+    folder holding seqlab's bundled data (so ``datasets/bacteria/manifest.yaml`` works from
+    any directory, in a wheel or a checkout)."""
     path = Path(p).expanduser()
     if path.is_absolute() or path.exists():
         return path
-    alt = repo_root() / path
+    root = resource_root()
+    alt = root / path
     if alt.exists() or not must_exist:
         return alt if alt.exists() else path
-    raise MissingInput(f"{what} {p} not found (looked in {Path.cwd()} and {repo_root()})")
+    hint = ""
+    if path.parts and path.parts[0] == "datasets":
+        hint = ("; the bundled data ships with seqlab (its wheel and its source): reinstall it, "
+                "or point the setting at your own data (`seqlab prepare species --help`)")
+    raise MissingInput(f"{what} {p} not found (looked in {Path.cwd()} and {root}){hint}")
 
 
 
