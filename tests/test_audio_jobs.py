@@ -86,6 +86,12 @@ def test_train_audio_checkpoints_metrics_and_sample(trained):
     assert evals and all(np.isfinite(r["val_bits_per_sample"]) for r in evals)
     # Below a uniform guess over 256 codes: the model learnt something about speech.
     assert summary["val_bits_per_sample"] < 7.5, summary
+    # xz and the order-2 context model on the same held-out codes, beside the model.
+    for key in ("baseline_xz_bits_per_sample", "baseline_context2_bits_per_sample"):
+        assert 0.0 < summary[key] < 9.0, summary
+    split = summary["baseline_split"]
+    assert f"{split}_bits_per_sample" in summary and summary["baseline_samples"] > 0
+    assert summary["beats_baseline"] in ("yes", "no")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     info = sf.info(summary["sample_wav"])
     assert info.samplerate == RATE and info.frames == 800 and info.subtype == "PCM_16"

@@ -33,6 +33,17 @@ def test_finetune_species_end_to_end_with_embed_and_probe(tmp_path):
     assert set(emb.strand) <= {"+", "-"} and (emb.end - emb.start == 256).all()
     assert len(emb.classes) == 4 and sorted(set(emb.label.tolist())) == [0, 1, 2, 3]
     assert summary["test_windows"] == 20 and "probe_accuracy" in summary
+    # The k-mer baseline on the same split, beside the model (summary, report, plot records).
+    base = report["baseline"]
+    assert base["k"] in (3, 4, 5, 6) and base["train_windows"] == 3 * 4
+    assert summary["baseline_kmer_test_accuracy"] == base["test_accuracy"]
+    assert summary["beats_baseline"] in ("yes", "no")
+    assert np.array(base["confusion_matrix"]).sum() == 20
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"baseline", "test"} <= {r["split"] for r in records}
+    probe = json.loads((run / "probe_report.json").read_text())
+    assert 0.0 <= probe["baseline"]["accuracy"] <= 1.0, "probe's k-mer baseline, same folds"
+    assert summary["probe_baseline_kmer_accuracy"] == probe["baseline"]["accuracy"]
     # Same run_dir again: resumes from the final checkpoint, no extra steps.
     again = _run("finetune_species", TINY + [
         f"run_dir={run}", "data.window=256", "trainer.max_steps=3",

@@ -85,3 +85,17 @@ def test_nats_are_converted_when_bits_are_on_the_axis():
     assert {c.label: c.values for c in panel.curves} == {
         "train loss / ln 2": pytest.approx([2.0 / LN2]), "eval val_bits_per_sample": [3.1]}
     assert training_panels([]) == [] and plot_training_curves([], "unused.png") is None
+
+
+def test_test_and_baseline_records_become_reference_lines(tmp_path):
+    from seqlab.training.curves import plot_training_curves, training_panels
+    records = [{"step": 10, "split": "train", "loss": 1.0, "bits_per_sample": 1.0 / math.log(2)},
+               {"step": 20, "split": "eval", "val_bits_per_sample": 5.0, "val_accuracy": 0.5},
+               {"step": 20, "split": "baseline", "xz_bits_per_sample": 5.5,
+                "kmer_test_accuracy": 0.98},
+               {"step": 20, "split": "test", "test_accuracy": 0.99}]
+    ce, other = training_panels(records)
+    assert ce.refs == [("baseline xz_bits_per_sample", 5.5)]
+    assert sorted(other.refs) == [("baseline kmer_test_accuracy", 0.98),
+                                  ("test test_accuracy", 0.99)]
+    assert plot_training_curves(records, tmp_path / "t.png").stat().st_size > 1000

@@ -31,9 +31,15 @@ class ProbeConfig:
     group_split: bool = False
     seed: int = 0
     C: float = 1.0
+    kmer_baseline: bool = True  # cross-validate a k-mer logistic regression in the same folds
 
 
 # ----------------------------------------------------------------------------- DNA
+@dataclass
+class SpeciesBaseline:
+    kmer: bool = True  # k-mer logistic regression on the same windows, beside the model
+    ks: list[int] = field(default_factory=lambda: [3, 4, 5, 6])  # k chosen on validation
+    max_train_windows: int = 20_000  # the first windows the model trained on
 @dataclass
 class SpeciesData:
     manifest: str = "datasets/bacteria/manifest.yaml"
@@ -72,6 +78,7 @@ class FinetuneSpeciesJob:
     head: HeadConfig = field(default_factory=HeadConfig)
     post: PostConfig = field(default_factory=PostConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    baseline: SpeciesBaseline = field(default_factory=SpeciesBaseline)
 
 
 @dataclass
@@ -203,6 +210,11 @@ class AudioSample:
 
 
 @dataclass
+class AudioBaseline:
+    enabled: bool = True  # xz -9 and an order-2 context model on the same held-out codes
+
+
+@dataclass
 class TrainAudioJob:
     job: str = "train_audio"
     recipe: str = "train_audio"
@@ -214,6 +226,7 @@ class TrainAudioJob:
     data: AudioData = field(default_factory=AudioData)
     eval: AudioEval = field(default_factory=AudioEval)
     sample: AudioSample = field(default_factory=AudioSample)
+    baseline: AudioBaseline = field(default_factory=AudioBaseline)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -47,6 +48,7 @@ from ..training.rundir import RunDir
 from ..training.trainer import Task
 from ..utils import length_mask
 from .audio_sampling import sample_codes, write_samples
+from .baselines import audio_baselines
 from .common import model_config, resolve_path
 
 log = logging.getLogger("seqlab")
@@ -271,13 +273,56 @@ class AudioLMTask(Task):
     def evaluate(self, model, step, device):
         return {"val_bits_per_sample": self._held_out_bits(model, "valid", device)}
 
+    def _held_out_codes(self, split: str) -> np.ndarray:
+        """The codes :meth:`_held_out_bits` scores for ``split``, as one uint8 stream: the
+        whole files (files mode) or the real samples of the scored clips (clips mode)."""
+        e, d = self.cfg.eval, self.cfg.data
+        if self.eval_mode == "files":
+            records = self.valid_records if split == "valid" else self.test_records
+            limit = int(e.get("max_files") or 0)
+            parts = [b.numpy() for r in (records[:limit] if limit else records)
+                     for b in stream_codes(r.path, int(d.rate), str(d.encoding), bool(d.normalize))]
+        else:
+            ds = self.valid_ds if split == "valid" else AudioClipDataset(
+                self.test_records, split="test", rate=d.rate, clip_seconds=d.clip_seconds,
+                mode=d.mode, encoding=d.encoding, normalize=d.normalize,
+                seed=self.cfg.trainer.seed)
+            parts = []
+            for i in range(self._n_eval(ds)):
+                clip = ds.clip(i, epoch=0)
+                parts.append(clip.targets[:int(clip.length)].numpy())
+        return np.concatenate(parts).astype(np.uint8) if parts else np.zeros(0, np.uint8)
+
+    def _baselines(self, run: RunDir, split: str, model_bits: float) -> dict:
+        """xz and the order-2 context model on the same held-out codes as ``model_bits``.
+
+        Both see the codes as one stream (they adapt across clips and files; the model starts
+        each clip or file from its initial state), so the comparison favours them."""
+        base = audio_baselines(self._held_out_codes(split))
+        run.log({"step": getattr(self, "step", 0), "split": "baseline",
+                 "xz_bits_per_sample": base["xz_bits_per_sample"],
+                 "context2_bits_per_sample": base["context2_bits_per_sample"]})
+        run.log({"step": getattr(self, "step", 0), "split": "test",
+                 f"{split}_bits_per_sample": model_bits})
+        best = min(base["xz_bits_per_sample"], base["context2_bits_per_sample"])
+        log.info("held-out %s: model %.3f bits/sample, xz -9 %.3f, order-2 context model %.3f "
+                 "(%d samples)", split, model_bits, base["xz_bits_per_sample"],
+                 base["context2_bits_per_sample"], base["baseline_samples"])
+        return {"baseline_xz_bits_per_sample": base["xz_bits_per_sample"],
+                "baseline_context2_bits_per_sample": base["context2_bits_per_sample"],
+                "baseline_split": split, "baseline_samples": base["baseline_samples"],
+                "beats_baseline": "yes" if model_bits < best else "no"}
+
     def finish(self, model, run: RunDir, device):
         out: dict = {}
         if self.skipped:
             out["skipped_files"] = len(self.skipped)
             out["skipped_list"] = str(write_skipped(self.skipped, run.path / SKIPPED_NAME))
-        if self.test_records:
-            out["test_bits_per_sample"] = self._held_out_bits(model, "test", device)
+        split = "test" if self.test_records else "valid"
+        bits = self._held_out_bits(model, split, device)
+        out[f"{split}_bits_per_sample"] = bits
+        if (self.cfg.get("baseline") or {}).get("enabled", True):
+            out.update(self._baselines(run, split, bits))
         if self.cfg.sample.seconds > 0:
             out.update(self._final_sample(model, run, device))
         return out

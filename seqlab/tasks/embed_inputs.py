@@ -57,13 +57,14 @@ def embed_inputs(data, window: int | None) -> EmbedInputs:
             strand = iv.strand if iv.strand in "+-" else "+"
             items.append(GenomeSpan(genome, iv.chrom, iv.start, iv.end, strand, {
                 "contig": iv.chrom, "start": iv.start, "end": iv.end, "strand": strand,
-                "label": -1, "group": iv.name or "", "name": iv.name or ""}))
+                "label": -1, "group": iv.name or "", "name": iv.name or "",
+                "source": str(genome.path)}))
         return EmbedInputs(items, [], window, str(bed), "intervals", 1.0)
     # N screening happens as the tiles are read for embedding (and is reported), not here.
     tiles = tile_windows(contig_intervals(genome), window, stride, genome)
     items = [GenomeSpan(genome, w.contig, w.start, w.end, "+", {
         "contig": w.contig, "start": w.start, "end": w.end, "strand": "+", "label": -1,
-        "group": genome.path.name}) for w in tiles]
+        "group": genome.path.name, "source": str(genome.path)}) for w in tiles]
     return EmbedInputs(items, [], window, str(fasta), "windows", max_n_frac)
 
 

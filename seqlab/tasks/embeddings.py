@@ -9,6 +9,9 @@ Embeddings file (``.npz``, read with ``numpy.load(path)``; no pickled objects in
     group        str (n,)               e.g. strain or file: probes can split by it
     classes      str (k,)               class names (label i -> classes[i]); may be empty
     info         str ()                 JSON: model checkpoint, window, pooling, seqlab version
+    source       str (n,)               the FASTA file of each row (optional: files written
+                                        before it existed lack it); lets a probe compute the
+                                        k-mer baseline on the same rows
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class Embeddings:
     group: np.ndarray
     classes: list[str]
     info: dict
+    source: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -43,13 +47,15 @@ class Embeddings:
 def to_embeddings(vecs: np.ndarray, metas: list[dict], classes: list[str], info: dict
                   ) -> Embeddings:
     """Rows ``vecs`` (n, d) float32 with the provenance in ``metas`` (each with "contig",
-    "start", "end", "strand" and optionally "label", "group")."""
+    "start", "end", "strand" and optionally "label", "group", "source" or "file")."""
     return Embeddings(vecs, np.array([m["contig"] for m in metas], dtype=str),
                       np.array([m["start"] for m in metas], np.int64),
                       np.array([m["end"] for m in metas], np.int64),
                       np.array([m["strand"] for m in metas], dtype=str),
                       np.array([m.get("label", -1) for m in metas], np.int64),
-                      np.array([m.get("group", "") for m in metas], dtype=str), classes, info)
+                      np.array([m.get("group", "") for m in metas], dtype=str), classes, info,
+                      np.array([str(m.get("source") or m.get("file") or "") for m in metas],
+                               dtype=str))
 
 
 def save_embeddings(path: str | os.PathLike, emb: Embeddings) -> Path:
@@ -69,7 +75,9 @@ def save_embeddings(path: str | os.PathLike, emb: Embeddings) -> Path:
                  end=np.asarray(emb.end, np.int64), strand=np.asarray(emb.strand, dtype=str),
                  label=np.asarray(emb.label, np.int64), group=np.asarray(emb.group, dtype=str),
                  classes=np.asarray(emb.classes, dtype=str),
-                 info=np.asarray(json.dumps(emb.info)))
+                 info=np.asarray(json.dumps(emb.info)),
+                 **({"source": np.asarray(emb.source, dtype=str)}
+                    if emb.source is not None else {}))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -94,7 +102,7 @@ def load_embeddings(path: str | os.PathLike) -> Embeddings:
                         "seqlab.tasks.embeddings.save_embeddings?")
     return Embeddings(z["embeddings"], z["contig"], z["start"], z["end"], z["strand"],
                       z["label"], z["group"], [str(c) for c in z["classes"]],
-                      json.loads(str(z["info"])))
+                      json.loads(str(z["info"])), z["source"] if "source" in z.files else None)
 
 
 __all__ = ["Embeddings", "to_embeddings", "save_embeddings", "load_embeddings"]

@@ -26,6 +26,7 @@ from .common import load_manifest, model_config, resolve_path
 from .embed import PooledBackbone, embed_items
 from .embed_inputs import dataset_items
 from .embeddings import load_embeddings, save_embeddings, to_embeddings
+from .baselines import KMER_KS, kmer_baseline
 from .plots import plot_confusion_matrix
 from .probe import probe_and_report
 
@@ -130,14 +131,51 @@ class SpeciesTask(Task):
         rep = classification_report(y, pred, self.classes)
         return {"val_accuracy": rep["accuracy"], "val_macro_f1": rep["macro_f1"]}
 
+    def kmer_baseline(self, n_train: int) -> dict:
+        """The k-mer logistic regression on this task's split: fit on the first ``n_train``
+        training windows the model saw (global indices 0.., as train_batch draws them), k
+        chosen on the validation windows, scored on the test windows."""
+        n = len(self.train_ds)
+        train = ([], [])
+        for g in range(n_train):
+            label, f, w = self.train_ds.window_at(g % n, epoch=g // n)
+            train[0].append(self.manifest.genome(f).ids(w.contig, w.start, w.end, w.strand))
+            train[1].append(label)
+
+        def split(ds):
+            rows = [ds[i] for i in range(len(ds))]
+            return [ids.numpy() for ids, _ in rows], [label for _, label in rows]
+
+        ks = tuple(int(k) for k in self.cfg.baseline.get("ks", KMER_KS))
+        return kmer_baseline(train, split(self.val_ds), split(self.test_ds), ks=ks)
+
     def finish(self, model, run: RunDir, device):
         test = self.test_ds
         y, pred, probs = predict(model, test, device, self.cfg.eval_batch_size)
         rep = classification_report(y, pred, self.classes)
+        base = None
+        b = self.cfg.get("baseline") or {}
+        if b.get("kmer", True):
+            n_train = min(int(getattr(self, "samples_seen", 0)) or len(self.train_ds),
+                          int(b.get("max_train_windows", 20_000)))
+            base = self.kmer_baseline(n_train)
+            base_rep = classification_report(y, base.pop("test_pred"), self.classes)
+            rep["baseline"] = {"method": f"{base['k']}-mer frequencies + logistic regression "
+                                         "(k chosen on validation)", **base,
+                               "confusion_matrix": base_rep["confusion_matrix"]}
+            run.log({"step": getattr(self, "step", 0), "split": "baseline",
+                     "kmer_test_accuracy": base["test_accuracy"]})
+            run.log({"step": getattr(self, "step", 0), "split": "test",
+                     "test_accuracy": rep["accuracy"]})
+            log.info("held-out strains: model %.4f, %d-mer logistic regression %.4f (%d training "
+                     "windows)", rep["accuracy"], base["k"], base["test_accuracy"],
+                     base["train_windows"])
         atomic_write_json(run.path / "test_report.json", {"split": "test", "n": int(len(y)), **rep})
+        title = f"held-out strains: accuracy {rep['accuracy']:.3f}"
+        if base is not None:
+            title += f" (k-mer baseline {base['test_accuracy']:.3f})"
         cm_png = plot_confusion_matrix(np.array(rep["confusion_matrix"]), self.classes,
-                                       run.plots_dir / "confusion_test.png",
-                                       title=f"held-out strains: accuracy {rep['accuracy']:.3f}")
+                                       run.plots_dir / "confusion_test.png", title=title)
         with open(run.path / "test_predictions.csv", "w", newline="") as f:
             wr = csv.writer(f)
             wr.writerow(["species", "file", "contig", "start", "end", "strand", "predicted",
@@ -149,6 +187,12 @@ class SpeciesTask(Task):
                              *[f"{p:.4f}" for p in probs[i]]])
         summary = {"test_accuracy": rep["accuracy"], "test_macro_f1": rep["macro_f1"],
                    "test_windows": int(len(y)), "confusion_plot": str(cm_png)}
+        if base is not None:
+            summary.update({"baseline_kmer_test_accuracy": base["test_accuracy"],
+                            "baseline_kmer_test_macro_f1": base["test_macro_f1"],
+                            "baseline_kmer_k": base["k"],
+                            "beats_baseline": "yes" if rep["accuracy"] > base["test_accuracy"]
+                            else "no"})
         if self.cfg.post.embed_probe:
             summary.update(embed_and_probe(self.cfg, model, self.manifest, test, run, device))
         return summary

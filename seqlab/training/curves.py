@@ -20,11 +20,13 @@ class Curve(NamedTuple):
 
 
 class Panel(NamedTuple):
-    """One axis of the training plot: every curve on it is in the unit ``ylabel`` names."""
+    """One axis of the training plot: every curve on it is in the unit ``ylabel`` names;
+    ``refs`` are (label, value) horizontal lines: final test figures and baselines."""
 
     title: str
     ylabel: str
     curves: list[Curve]
+    refs: list = []
 
 
 def _unit(key: str) -> str | None:
@@ -52,6 +54,12 @@ def training_panels(records: list[dict]) -> list[Panel]:
     """
     train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "eval"]
+    # Final figures without a step axis: the model's test result and the baselines beside it
+    # (records of split "test" / "baseline"), drawn as horizontal lines on the panel of their
+    # unit.
+    refs = [(f"{r['split']} {k}", v) for r in records if r.get("split") in ("test", "baseline")
+            for k, v in r.items() if k not in ("step", "split") and isinstance(v, (int, float))
+            and not isinstance(v, bool)]
 
     def numeric_keys(rs):
         return sorted({k for r in rs for k, v in r.items()
@@ -74,12 +82,15 @@ def training_panels(records: list[dict]) -> list[Panel]:
         else:
             label = f"{split} {k}"
         curves.append(Curve(label, steps, values))
-    if curves:
-        unit = "bits" if in_bits else "nats"
-        panels.append(Panel("cross-entropy", f"cross-entropy ({unit})", curves))
+    ce_refs = [(label, v / math.log(2) if in_bits and _unit(label) == "nats" else v)
+               for label, v in refs if _unit(label)]
+    if curves or ce_refs:
+        unit = "bits" if in_bits or any(_unit(lb) == "bits" for lb, _ in ce_refs) else "nats"
+        panels.append(Panel("cross-entropy", f"cross-entropy ({unit})", curves, ce_refs))
     other = [Curve(f"eval {k}", *_series(evals, k)) for k in numeric_keys(evals) if not _unit(k)]
-    if other:
-        panels.append(Panel("evaluation", "fraction", other))
+    other_refs = [(label, v) for label, v in refs if not _unit(label)]
+    if other or other_refs:
+        panels.append(Panel("evaluation", "fraction", other, other_refs))
     return panels
 
 
@@ -98,6 +109,10 @@ def plot_training_curves(records: list[dict], path: str | Path) -> Path | None:
             # curve of one point needs a marker to show at all.
             dense = c.label.startswith("train") and len(c.steps) > 1
             ax.plot(c.steps, c.values, label=c.label, marker=None if dense else "o")
+        for label, value in panel.refs:
+            ax.axhline(value, linestyle="--" if label.startswith("baseline") else ":",
+                       color="0.4" if label.startswith("baseline") else "k", linewidth=1.2,
+                       label=f"{label} {value:.4g}")
         ax.set_xlabel("step")
         ax.set_ylabel(panel.ylabel)
         ax.set_title(panel.title)

@@ -187,10 +187,12 @@ class RunDir:
                 publish_mode(self.metrics_path)
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop records logged after ``step`` (a resumed run redoes those steps)."""
+        """Drop records logged after ``step`` (a resumed run redoes those steps) and the final
+        test and baseline records of an earlier end (the resumed run writes its own)."""
         if not self.is_main or not self.metrics_path.exists():
             return
-        keep = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        keep = [r for r in self.read_metrics() if r.get("step", 0) <= step
+                and r.get("split") not in ("test", "baseline")]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
 
     # ------------------------------------------------------------------ phase 1: the lock

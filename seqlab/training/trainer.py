@@ -95,7 +95,12 @@ class Task:
         return {}
 
     def finish(self, model: torch.nn.Module, run: "RunDir", device: torch.device) -> dict[str, Any]:
-        """Final evaluation, plots and summary on rank 0; returns the summary."""
+        """Final evaluation, plots and summary on rank 0; returns the summary.
+
+        Before the call the trainer sets ``self.samples_seen`` (global sample indices
+        0 .. samples_seen - 1 were trained on, see train_batch) and ``self.step``; records
+        the task logs with ``run.log({"split": "test" | "baseline", ...})`` appear as
+        reference lines in the training plot."""
         return {}
 
 
@@ -320,6 +325,8 @@ class Trainer:
                                    "train_minutes": (time.time() - t_start) / 60,
                                    "params_M": n_params / 1e6, **final}
         if self.dist.is_main:
+            task.step = step
+            task.samples_seen = step * cfg.micro_batch_size * cfg.grad_accum * self.dist.world_size
             summary.update(task.finish(D.unwrap(model), run, self.device) or {})
             curves = plot_training_curves(run.read_metrics(), run.plots_dir / "training.png")
             if curves:
