@@ -148,3 +148,32 @@ def test_status_command(capsys, tmp_path):
     assert code == 0
     assert "completed at step 9" in out and "no run here yet" in out
     assert json.loads((tmp_path / "r" / "status.json").read_text())["status"] == "completed"
+
+
+TRAINING_RECIPES = ["finetune_species", "pretrain_dna", "synthetic_induction",
+                    "synthetic_selective_copy", "synthetic_selective_copy_fast", "train_audio"]
+
+
+@pytest.mark.parametrize("recipe", TRAINING_RECIPES)
+def test_trainer_group_choice_is_never_overridden_by_the_recipe(recipe):
+    """trainer=gpu gives the recipe's GPU profile: every trainer key is the profile's value where
+    the profile sets it, else the gpu group's, never the CPU settings of the recipe."""
+    import yaml
+    from seqlab.cli import recipes_dir
+    group = yaml.safe_load((recipes_dir() / "trainer" / "gpu.yaml").read_text())
+    profile = yaml.safe_load((recipes_dir() / "profile" / recipe / "gpu.yaml").read_text()) or {}
+    cfg = compose(recipe, ["trainer=gpu"])
+    for key, value in group.items():
+        assert cfg.trainer[key] == profile.get("trainer", {}).get(key, value), key
+    cpu = compose(recipe, [])
+    assert cpu.trainer.profile == "cpu" and cfg.trainer.profile == "gpu"
+    # A choice made on the command line wins over the profile, for keys and groups alike.
+    mine = compose(recipe, ["trainer=gpu", "trainer.max_steps=7", "model=small"])
+    assert mine.trainer.max_steps == 7 and mine.model.d_model == 64 and mine.model.n_layer == 2
+
+
+def test_finetune_species_gpu_profile_is_gpu_sized():
+    cpu, gpu = compose("finetune_species", []), compose("finetune_species", ["trainer=gpu"])
+    assert (cpu.model.d_model, cpu.model.n_layer, cpu.trainer.max_steps) == (64, 2, 250)
+    assert (gpu.model.d_model, gpu.model.n_layer, gpu.trainer.max_steps) == (128, 4, 1500)
+    assert gpu.trainer.micro_batch_size == 32 and gpu.head.conjoin_rc is True
