@@ -121,14 +121,15 @@ def progress(total: int | None = None, desc: str = "", unit: str = "it", enabled
 
 
 def track(iterable: Iterable, total: int | None = None, desc: str = "", unit: str = "it",
-          enabled: bool = True, every: int | None = None):
+          enabled: bool = True, every: int | None = None, stream: TextIO | None = None):
     """Iterate ``iterable`` while reporting progress as :func:`progress` does."""
     if total is None:
         try:
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-    with progress(total=total, desc=desc, unit=unit, enabled=enabled, every=every) as bar:
+    with progress(total=total, desc=desc, unit=unit, enabled=enabled, every=every,
+                  stream=stream) as bar:
         for item in iterable:
             yield item
             bar.update(1)
